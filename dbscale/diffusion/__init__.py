@@ -1,0 +1,1 @@
+"""The DiffusionBlocks math (Shing et al., ICLR 2026), framework-free: no models, no DeepSpeed."""

@@ -1,0 +1,117 @@
+"""Noise partitions: which slice of [sigma_min, sigma_max] each block owns, and the sampler's steps.
+
+Block 0 owns the HIGHEST noise and holds the first layers (next to the input); block B-1 the lowest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dbscale.diffusion.noise import lognormal_cdf, lognormal_icdf
+
+
+def sigma_boundaries(
+    num_blocks: int, kind: str, P_mean: float, P_std: float, sigma_min: float, sigma_max: float
+) -> list[float]:
+    """B+1 ascending boundaries from sigma_min to sigma_max.
+
+    'equiprobable' (paper, section 3.3): equal mass of the truncated log-normal per block,
+        q_b = q_min + (b/B)(q_max - q_min), sigma_b = exp(P_mean + P_std * Phi^-1(q_b)).
+    'uniform' (the paper's ablation): equal intervals in log sigma.
+    """
+    B = num_blocks
+    if kind == "equiprobable":
+        q_min = lognormal_cdf(sigma_min, P_mean, P_std)
+        q_max = lognormal_cdf(sigma_max, P_mean, P_std)
+        inner = [lognormal_icdf(q_min + (b / B) * (q_max - q_min), P_mean, P_std) for b in range(1, B)]
+    elif kind == "uniform":
+        lo, hi = math.log(sigma_min), math.log(sigma_max)
+        inner = [math.exp(lo + (b / B) * (hi - lo)) for b in range(1, B)]
+    else:
+        raise ValueError(f"unknown partition '{kind}' (expected 'equiprobable' or 'uniform')")
+    return [sigma_min, *inner, sigma_max]
+
+
+def widen(lo: float, hi: float, gamma: float, sigma_min: float, sigma_max: float) -> tuple[float, float]:
+    """Overlap: [lo, hi] -> [lo/a, hi*a] with a = (hi/lo)^gamma, clamped to [sigma_min, sigma_max]."""
+    a = (hi / lo) ** gamma
+    return max(lo / a, sigma_min), min(hi * a, sigma_max)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The noise slices of B blocks. Intervals are (lo, hi) in sigma, indexed by block (0 = highest noise)."""
+
+    boundaries: tuple[float, ...]  # ascending, B+1 values
+    intervals: tuple[tuple[float, float], ...]  # each block's own slice
+    train_intervals: tuple[tuple[float, float], ...]  # widened by gamma: where each block draws sigma
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.intervals)
+
+    @classmethod
+    def build(
+        cls,
+        num_blocks: int,
+        kind: str,
+        gamma: float,
+        P_mean: float,
+        P_std: float,
+        sigma_min: float,
+        sigma_max: float,
+    ) -> Partition:
+        bounds = sigma_boundaries(num_blocks, kind, P_mean, P_std, sigma_min, sigma_max)
+        B = num_blocks
+        intervals = tuple((bounds[B - 1 - b], bounds[B - b]) for b in range(B))
+        train = tuple(widen(lo, hi, gamma, sigma_min, sigma_max) for lo, hi in intervals)
+        return cls(tuple(bounds), intervals, train)
+
+    @classmethod
+    def from_config(cls, d) -> Partition:
+        """From a `DiffusionConfig`."""
+        return cls.build(d.num_blocks, d.partition, d.gamma, d.P_mean, d.P_std, d.sigma_min, d.sigma_max)
+
+    def block_interval(self, b: int) -> tuple[float, float]:
+        return self.intervals[b]
+
+
+def step_sigmas(
+    num_steps: int, kind: str, P_mean: float, P_std: float, sigma_min: float, sigma_max: float
+) -> list[float]:
+    """Descending sampler sigmas, from sigma_max to sigma_min inclusive (num_steps >= 2 points).
+
+    Equi-probability points of the truncated log-normal for 'equiprobable', log-uniform for 'uniform'.
+    With 4 steps (B=4) the equi-probability points are [80, 0.5050, 0.1796, 0.002].
+    """
+    if num_steps < 2:
+        raise ValueError("the sampler needs at least 2 steps (sigma_max and sigma_min)")
+    fractions = [k / (num_steps - 1) for k in range(num_steps)]
+    if kind == "equiprobable":
+        q_min = lognormal_cdf(sigma_min, P_mean, P_std)
+        q_max = lognormal_cdf(sigma_max, P_mean, P_std)
+        sig = [lognormal_icdf(q_max - f * (q_max - q_min), P_mean, P_std) for f in fractions]
+    elif kind == "uniform":
+        lo, hi = math.log(sigma_min), math.log(sigma_max)
+        sig = [math.exp(hi - f * (hi - lo)) for f in fractions]
+    else:
+        raise ValueError(f"unknown partition '{kind}'")
+    sig[0], sig[-1] = sigma_max, sigma_min  # exact ends, whatever the float round trip gives
+    return sig
+
+
+def steps_to_blocks(num_steps: int, num_blocks: int) -> list[int]:
+    """Which block serves each sampler step, BY INDEX: step k -> floor(k * B / N).
+
+    Comparing sigma to the boundaries instead can skip a block through float rounding at a boundary
+    (B=3, 4 steps: the naive lookup gives [0, 0, 2, 2]; this gives [0, 0, 1, 2]).
+    """
+    if num_steps < num_blocks:
+        raise ValueError(f"{num_steps} steps cannot visit all {num_blocks} blocks")
+    return [k * num_blocks // num_steps for k in range(num_steps)]
+
+
+def default_num_steps(num_blocks: int, sample_steps: int | None) -> int:
+    """One Euler step per block (the paper's AR setting), at least 2."""
+    return sample_steps if sample_steps is not None else max(num_blocks, 2)

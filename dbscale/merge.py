@@ -1,0 +1,155 @@
+"""The merged model format: one safetensors file plus a manifest, self-contained (tokenizer included).
+
+    R/merged/          the B blocks: keys blocks.{b}.*, plus target_embedding
+    R/e2e/merged/      the end-to-end baseline: LlamaLM keys
+
+ZeRO shards (stages 1-3) are consolidated with DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`,
+only after dbscale has verified the checkpoint's marker, run id and file hashes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dbscale.errors import CheckpointError, RunError
+from dbscale.run import (
+    FORMAT_VERSION,
+    TOKENIZER,
+    Run,
+    atomic_write_json,
+    open_run,
+    read_json,
+    sha256_file,
+)
+from dbscale.train import checkpoint as ckpt
+
+MODEL_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+def _consolidate(run: Run, block: int | None, allow_unfinished: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    job_dir = run.job_dir(block)
+    name = "the end-to-end baseline" if block is None else f"block {block}"
+    launch = (
+        f"python launchers/train_e2e.py --run {run.root}" if block is None
+        else f"python launchers/train_block.py --run {run.root} --block {block}"
+    )
+    info = ckpt.find_resumable(job_dir, run.run_id, block)
+    if info is None:
+        raise CheckpointError(f"{name}: no checkpoint in {job_dir}. Fix: train it first: {launch}")
+    if info.marker.get("tokenizer_sha256") != run.manifest["tokenizer_sha256"]:
+        raise CheckpointError(
+            f"{info.path}: {name} was trained with another tokenizer (sha256 {info.marker.get('tokenizer_sha256')}). "
+            "Fix: retrain this block in this run."
+        )
+    total = run.config.train.steps
+    if info.step < total and not allow_unfinished:
+        raise CheckpointError(
+            f"{name} is unfinished: its newest checkpoint ({info.path}) is at step {info.step} of {total}. "
+            f"Fix: resume it ({launch}), or pass --allow-unfinished to merge it as it is."
+        )
+    state = get_fp32_state_dict_from_zero_checkpoint(str(job_dir), tag=info.tag)
+    return {k: v.contiguous() for k, v in state.items()}, {"tag": info.tag, "step": info.step}
+
+
+def merge_run(run_dir: str | Path, e2e: bool = False, allow_unfinished: bool = False, log=print) -> Path:
+    """Consolidate the blocks (or the baseline) of a run into `merged/` (or `e2e/merged/`)."""
+    from safetensors.torch import save_file
+
+    run = open_run(run_dir)
+    out = run.root / ("e2e/merged" if e2e else "merged")
+    jobs: list[int | None] = [None] if e2e else list(range(run.num_blocks))
+    state: dict[str, torch.Tensor] = {}
+    sources = {}
+    for job in jobs:
+        part, source = _consolidate(run, job, allow_unfinished)
+        prefix = "" if job is None else f"blocks.{job}."
+        state.update({prefix + k: v for k, v in part.items()})
+        sources["e2e" if job is None else str(job)] = source
+        log(f"[merge] {'e2e' if job is None else f'block {job}'}: {source['tag']} ({len(part)} tensors)")
+    if not e2e:
+        state["target_embedding"] = run.load_target_embedding()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".merged-", dir=out.parent))
+    try:
+        save_file(state, str(staging / MODEL_FILE))
+        (staging / "tokenizer").mkdir()
+        shutil.copy2(run.root / TOKENIZER, staging / TOKENIZER)
+        atomic_write_json(staging / MANIFEST_FILE, {
+            "format_version": FORMAT_VERSION,
+            "kind": "e2e" if e2e else "blocks",
+            "family": run.config.model.family,
+            "run_id": run.run_id,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "config": run.config.to_dict(),
+            "vocab_size": run.vocab_size,
+            "partition": run.manifest["partition"],
+            "sources": sources,
+            "model_sha256": sha256_file(staging / MODEL_FILE),
+            "tokenizer_sha256": run.manifest["tokenizer_sha256"],
+            "num_parameters": int(sum(v.numel() for k, v in state.items() if k != "target_embedding")),
+        })
+        if out.exists():  # replace the previous merge only once the new one is complete
+            old = out.with_name(out.name + f".old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    log(f"[merge] wrote {out / MODEL_FILE}")
+    return out
+
+
+def load_merged(path: str | Path, device: str | torch.device = "cpu"):
+    """Load a merged model. Returns (model, tokenizer, manifest). Verifies hashes; safetensors only."""
+    from safetensors.torch import load_file
+
+    from dbscale.config import config_from_dict
+    from dbscale.data.tokenizer import Tokenizer
+    from dbscale.models.llama import DiffusionBlocksLM, LlamaLM
+
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise RunError(
+            f"{path}: not a merged model (no {MANIFEST_FILE}). Fix: run tools/merge_blocks.py --run R and pass "
+            "R/merged (or R/e2e/merged with --e2e)."
+        )
+    manifest = read_json(manifest_path, "merged-model manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise RunError(f"{manifest_path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}.")
+    model_path, tok_path = path / MODEL_FILE, path / TOKENIZER
+    for f, key in ((model_path, "model_sha256"), (tok_path, "tokenizer_sha256")):
+        if not f.is_file():
+            raise RunError(f"{f}: missing. Fix: merge again with tools/merge_blocks.py.")
+        if sha256_file(f) != manifest[key]:
+            raise RunError(f"{f}: sha256 differs from {manifest_path} (damaged or replaced). Fix: merge again.")
+    cfg = config_from_dict(manifest["config"], where=str(manifest_path))
+    state = load_file(str(model_path))
+    vocab = manifest["vocab_size"]
+    if manifest["kind"] == "blocks":
+        model = DiffusionBlocksLM(cfg, vocab, state["target_embedding"])
+    else:
+        model = LlamaLM(cfg.model, vocab)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RunError(
+            f"{model_path}: weights do not fit the model of its manifest (missing: {result.missing_keys[:8]}, "
+            f"unexpected: {result.unexpected_keys[:8]}). Fix: merge again with this dbscale version."
+        )
+    model.eval().to(device)
+    return model, Tokenizer(tok_path), manifest

@@ -1,0 +1,237 @@
+"""Transformer building blocks shared by every dbscale family.
+
+Llama-2 style (RMSNorm, RoPE, SwiGLU, grouped-query attention) with optional DiT-style AdaLN noise
+conditioning. Parameter names follow Hugging Face's Llama (`self_attn.q_proj`, `mlp.gate_proj`, ...).
+
+Attention always takes explicit token positions, so two streams can share RoPE positions (the noisy and
+clean copies of a sequence in the AR denoiser), and an optional KV cache that stores only the tokens the
+caller marks as cacheable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dbscale.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for integer positions (T,) -> two (T, head_dim) tensors (HF 'rotate_half' layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, hd); cos/sin: (T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+def stream_attention_mask(key_pos: torch.Tensor, key_clean: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """Boolean (Tq, Tk) mask, True = may attend. The queries are the last `num_queries` keys.
+
+    The rule (METHOD.md 7a, BD3-LM with block size 1): a query sees every CLEAN key at an earlier
+    position; a clean query also sees clean keys at its own position; every query sees itself; nothing
+    sees a noisy key other than itself. With only clean tokens this is the ordinary causal mask.
+    """
+    offset = key_pos.numel() - num_queries
+    q_pos, q_clean = key_pos[offset:], key_clean[offset:]
+    earlier = key_pos[None, :] < q_pos[:, None]
+    same_pos = key_pos[None, :] == q_pos[:, None]
+    allowed = key_clean[None, :] & (earlier | (same_pos & q_clean[:, None]))
+    itself = torch.arange(num_queries, device=key_pos.device)[:, None] + offset == torch.arange(
+        key_pos.numel(), device=key_pos.device
+    )
+    return allowed | itself
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys/values of the cached (clean) tokens, plus their positions. One cache per stream."""
+
+    keys: list[torch.Tensor | None] = field(default_factory=list)
+    values: list[torch.Tensor | None] = field(default_factory=list)
+    positions: torch.Tensor | None = None  # (T_cached,)
+
+    def __len__(self) -> int:
+        return 0 if self.positions is None else int(self.positions.numel())
+
+    def layer(self, i: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if i >= len(self.keys):
+            return None, None
+        return self.keys[i], self.values[i]
+
+    def store(self, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        while len(self.keys) <= i:
+            self.keys.append(None)
+            self.values.append(None)
+        old_k, old_v = self.keys[i], self.values[i]
+        self.keys[i] = k if old_k is None else torch.cat([old_k, k], dim=2)
+        self.values[i] = v if old_v is None else torch.cat([old_v, v], dim=2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        d = cfg.d_model
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        layer_index: int = 0,
+        num_cacheable: int = 0,
+    ) -> torch.Tensor:
+        """x: (B, T, d). mask: (T, T_cached + T) bool, or None for plain causal attention without cache.
+        The first `num_cacheable` new tokens are appended to `cache` after use."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            past_k, past_v = cache.layer(layer_index)
+            if num_cacheable:
+                cache.store(layer_index, k[:, :, :num_cacheable], v[:, :, :num_cacheable])
+            if past_k is not None:
+                k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        if self.n_kv != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, hidden, bias=False)
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TimestepEmbedder(nn.Module):
+    """c_noise -> sinusoidal features -> Linear -> SiLU -> Linear (DiT, METHOD.md section 5)."""
+
+    # c_noise = ln(sigma)/4 spans about [-1.6, 1.1]; scaled like DiT's t in [0, 1000] so the sinusoids
+    # resolve it at many frequencies.
+    scale = 1000.0
+
+    def __init__(self, d: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        """c_noise: (B,) -> (B, d)."""
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=c_noise.device).float() / half)
+        args = c_noise.float()[:, None] * self.scale * freqs[None, :]
+        feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm Llama layer; with `adaln=True`, DiT's adaLN-Zero modulation from a conditioning vector."""
+
+    def __init__(self, cfg: ModelConfig, adaln: bool = False):
+        super().__init__()
+        d = cfg.d_model
+        self.input_layernorm = RMSNorm(d, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(d, cfg.norm_eps)
+        self.mlp = SwiGLU(d, cfg.ffn_dim)
+        self.adaLN_modulation = nn.Linear(d, 6 * d) if adaln else None
+
+    def forward(self, x, cos, sin, mask, cond=None, cache=None, layer_index=0, num_cacheable=0):
+        if self.adaLN_modulation is None:
+            h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_index, num_cacheable)
+            x = x + h
+            return x + self.mlp(self.post_attention_layernorm(x))
+        mods = self.adaLN_modulation(F.silu(cond))[:, None, :].chunk(6, dim=-1)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
+        h = modulate(self.input_layernorm(x), shift_a, scale_a)
+        x = x + gate_a * self.self_attn(h, cos, sin, mask, cache, layer_index, num_cacheable)
+        h = modulate(self.post_attention_layernorm(x), shift_m, scale_m)
+        return x + gate_m * self.mlp(h)
+
+
+def run_layers(
+    layers: nn.ModuleList,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,
+    cond: torch.Tensor | None = None,
+    cache: KVCache | None = None,
+    num_cacheable: int = 0,
+    activation_checkpointing: bool = False,
+) -> torch.Tensor:
+    """Apply a stack of layers; recompute activations in backward when asked (training only)."""
+    for i, layer in enumerate(layers):
+        if activation_checkpointing and torch.is_grad_enabled() and cache is None:
+            x = checkpoint(layer, x, cos, sin, mask, cond, use_reentrant=False)
+        else:
+            x = layer(x, cos, sin, mask, cond, cache, i, num_cacheable)
+    return x
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """Normal(0, std) for linear and embedding weights, zeros for biases. Zero-inits are applied after."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+
+
+def zero_init_adaln(layers: nn.ModuleList) -> None:
+    """adaLN-Zero: every gate, shift and scale starts at 0, so each conditioned layer starts as identity."""
+    for layer in layers:
+        if layer.adaLN_modulation is not None:
+            nn.init.zeros_(layer.adaLN_modulation.weight)
+            nn.init.zeros_(layer.adaLN_modulation.bias)

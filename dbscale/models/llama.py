@@ -1,0 +1,248 @@
+"""The Llama family: the end-to-end AR baseline, the AR denoiser block, and the merged block chain.
+
+Training windows hold seq_len + 1 tokens x_0..x_T. Both models learn p(x_i | x_<i) for i = 1..T:
+- `LlamaLM` (baseline): causal transformer over x_0..x_{T-1}, logits for x_1..x_T.
+- `DenoiserBlock` (METHOD.md 7a): the clean stream x_0..x_{T-1} at positions 0..T-1 and the noisy stream
+  z_i = y_i + sigma*eps, y_i = E[x_i], at positions 1..T, concatenated [clean; noisy]. Noisy z_i sees
+  itself and clean x_j for j < i; clean never sees noisy. The readout at a noisy position is
+  D = c_skip*z + c_out*F, then an AdaLN-modulated norm and the head give logits for x_i.
+- `DiffusionBlocksLM`: the B merged blocks; per new token, one Euler step per block, each step with its
+  own KV cache of the clean context (valid because a step is always taken at the same sigma).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dbscale.config import Config, ModelConfig
+from dbscale.diffusion.noise import edm_loss_weight, edm_precond
+from dbscale.diffusion.partition import default_num_steps, step_sigmas, steps_to_blocks
+from dbscale.diffusion.sampler import sample_chain
+from dbscale.models.layers import (
+    KVCache,
+    RMSNorm,
+    TimestepEmbedder,
+    TransformerLayer,
+    init_weights,
+    modulate,
+    rope_cos_sin,
+    run_layers,
+    stream_attention_mask,
+    zero_init_adaln,
+)
+
+
+def frozen_target_embedding(vocab_size: int, dim: int, seed: int) -> torch.Tensor:
+    """The run's shared target space: a seeded Gaussian table with unit-L2-norm rows (METHOD.md 4)."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(vocab_size, dim, generator=g, dtype=torch.float32)
+    return F.normalize(table, dim=-1)
+
+
+class LlamaLM(nn.Module):
+    """End-to-end Llama-2 style causal LM: the baseline every DiffusionBlocks run is compared with."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.embed_tokens = nn.Embedding(vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.activation_checkpointing = False
+        init_weights(self, cfg.init_std)
+
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """tokens: (B, T) -> logits (B, T, V). With a cache, the tokens are appended to it."""
+        T = tokens.shape[1]
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device)
+        x = self.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        mask = None
+        if cache is not None:
+            key_pos = positions if cache.positions is None else torch.cat([cache.positions, positions])
+            mask = stream_attention_mask(key_pos, torch.ones_like(key_pos, dtype=torch.bool), T)
+        x = run_layers(
+            self.layers, x, cos, sin, mask, None, cache, T if cache is not None else 0,
+            self.activation_checkpointing,
+        )
+        if cache is not None:
+            cache.positions = key_pos
+        return self.lm_head(self.norm(x))
+
+    # --- generation interface shared with DiffusionBlocksLM -----------------------------------------------
+    def new_cache(self) -> KVCache:
+        return KVCache()
+
+    @torch.no_grad()
+    def next_token_logits(self, cache: KVCache, new_tokens: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Append new_tokens (1, n) to the context; logits (1, V) for the token after them."""
+        start = len(cache)
+        positions = torch.arange(start, start + new_tokens.shape[1], device=new_tokens.device)
+        return self(new_tokens, positions, cache)[:, -1].float()
+
+
+class DenoiserBlock(nn.Module):
+    """One DiffusionBlocks block of the AR family: `n_layers` AdaLN layers plus its own context embedding,
+    time embedder, input projection, readout, final norm and head. Knows nothing about other blocks."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, n_layers: int, sigma_data: float):
+        super().__init__()
+        self.cfg, self.vocab_size, self.sigma_data = cfg, vocab_size, sigma_data
+        d, e = cfg.d_model, cfg.embed_dim
+        self.embed_tokens = nn.Embedding(vocab_size, d)  # the clean context
+        self.in_proj = nn.Linear(e, d, bias=False)  # c_in * z_sigma -> hidden
+        self.time_embed = TimestepEmbedder(d, cfg.time_freq_dim)
+        self.layers = nn.ModuleList(TransformerLayer(cfg, adaln=True) for _ in range(n_layers))
+        self.out_proj = nn.Linear(d, e, bias=False)  # F: hidden -> target space
+        self.norm = RMSNorm(e, cfg.norm_eps)
+        self.final_adaLN = nn.Linear(d, 2 * e)
+        self.lm_head = nn.Linear(e, vocab_size, bias=False)
+        self.activation_checkpointing = False
+        init_weights(self, cfg.init_std)
+        zero_init_adaln(self.layers)
+        for zero in (self.out_proj, self.final_adaLN, self.lm_head):  # a fresh block returns D = c_skip*z
+            nn.init.zeros_(zero.weight)
+            if zero.bias is not None:
+                nn.init.zeros_(zero.bias)
+
+    def forward(
+        self,
+        clean_tokens: torch.Tensor,
+        z: torch.Tensor,
+        sigma: torch.Tensor,
+        clean_pos: torch.Tensor | None = None,
+        noisy_pos: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """clean_tokens: (B, Tc) ids, z: (B, Tn, e) noisy targets, sigma: (B,).
+
+        Default positions are the training layout (clean 0..Tc-1, noisy 1..Tn). With a cache, the clean
+        tokens are appended to it (noisy ones never are). Returns D (B, Tn, e) in fp32 and logits (B, Tn, V).
+        """
+        B, Tc = clean_tokens.shape
+        Tn = z.shape[1]
+        dev = z.device
+        if clean_pos is None:
+            clean_pos = torch.arange(Tc, device=dev)
+        if noisy_pos is None:
+            noisy_pos = torch.arange(1, Tn + 1, device=dev)
+        dtype = self.in_proj.weight.dtype
+        c_skip, c_out, c_in, c_noise = (c.float().view(B, 1, 1) for c in edm_precond(sigma.float(), self.sigma_data))
+        cond = self.time_embed(c_noise.view(B))
+
+        x = torch.cat([self.embed_tokens(clean_tokens), self.in_proj((c_in * z.float()).to(dtype))], dim=1)
+        new_pos = torch.cat([clean_pos, noisy_pos])
+        new_clean = torch.cat([torch.ones(Tc, dtype=torch.bool, device=dev), torch.zeros(Tn, dtype=torch.bool, device=dev)])
+        if cache is not None and cache.positions is not None:
+            key_pos = torch.cat([cache.positions, new_pos])
+            key_clean = torch.cat([torch.ones_like(cache.positions, dtype=torch.bool), new_clean])
+        else:
+            key_pos, key_clean = new_pos, new_clean
+        mask = stream_attention_mask(key_pos, key_clean, Tc + Tn)
+        cos, sin = rope_cos_sin(new_pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        h = run_layers(self.layers, x, cos, sin, mask, cond, cache, Tc, self.activation_checkpointing)
+        if cache is not None and Tc:
+            cache.positions = clean_pos if cache.positions is None else torch.cat([cache.positions, clean_pos])
+
+        F_x = self.out_proj(h[:, Tc:]).float()
+        D = c_skip * z.float() + c_out * F_x  # EDM Eq. 7
+        shift, scale = self.final_adaLN(F.silu(cond))[:, None, :].chunk(2, dim=-1)
+        logits = self.lm_head(modulate(self.norm(D.to(dtype)), shift, scale))
+        return D, logits
+
+
+def lm_loss(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) of a causal LM (or its DeepSpeed engine) on (B, T+1) windows."""
+    logits = model(window[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), window[:, 1:].flatten())
+
+
+def denoiser_loss(
+    block: nn.Module,
+    window: torch.Tensor,
+    target_embedding: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+    weighting: str,
+    sigma_data: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-block objective (paper Eq. 6 with a cross-entropy readout, METHOD.md 4).
+
+    window: (B, T+1) ids; sigma: (B,) one noise level per sequence; noise: (B, T, e) ~ N(0, I).
+    Returns (loss = mean of w(sigma) * CE, per-sequence plain CE (B,)), both fp32.
+    """
+    targets = window[:, 1:]
+    z = target_embedding[targets] + sigma.view(-1, 1, 1) * noise
+    _, logits = block(window[:, :-1], z, sigma)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").mean(dim=1)
+    weight = edm_loss_weight(sigma.float(), sigma_data) if weighting == "edm" else torch.ones_like(ce)
+    return (weight * ce).mean(), ce.detach()
+
+
+class DiffusionBlocksLM(nn.Module):
+    """The merged model: B denoiser blocks and the frozen target table, sampled as an Euler chain."""
+
+    def __init__(self, cfg: Config, vocab_size: int, target_embedding: torch.Tensor):
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        d = cfg.diffusion
+        self.blocks = nn.ModuleList(
+            DenoiserBlock(cfg.model, vocab_size, n, d.sigma_data) for n in cfg.layer_allocation()
+        )
+        self.register_buffer("target_embedding", target_embedding.float(), persistent=True)
+        n = default_num_steps(d.num_blocks, d.sample_steps)
+        self.sigmas = step_sigmas(n, d.partition, d.P_mean, d.P_std, d.sigma_min, d.sigma_max)
+        self.step_blocks = steps_to_blocks(n, d.num_blocks)
+
+    def new_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.sigmas]  # one per step: each step runs at one fixed sigma
+
+    @torch.no_grad()
+    def next_token_logits(self, cache: list[KVCache], new_tokens: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Append new_tokens (1, n) to every step's context; run the chain for the next position.
+
+        The starting noise is drawn from a generator seeded by (seed, position), so cached and uncached
+        generation draw the same z. Returns the last step's logits (1, V).
+        """
+        dev = new_tokens.device
+        start = len(cache[0])
+        n = new_tokens.shape[1]
+        clean_pos = torch.arange(start, start + n, device=dev)
+        noisy_pos = torch.tensor([start + n], device=dev)
+        g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + start + n)
+        e = self.target_embedding.shape[1]
+        z = (torch.randn(1, 1, e, generator=g) * self.sigmas[0]).to(dev)
+
+        def denoise(step: int, block: int, z: torch.Tensor, sigma: float):
+            s = torch.full((1,), sigma, device=dev)
+            _, logits = self.blocks[block](new_tokens, z, s, clean_pos, noisy_pos, cache[step])
+            estimate = logits.float().softmax(-1) @ self.target_embedding  # E[y | z], METHOD.md 4
+            return estimate, logits
+
+        logits, _ = sample_chain(denoise, z, self.sigmas, self.step_blocks)
+        return logits[:, -1].float()
+
+    @torch.no_grad()
+    def teacher_forced_logits(self, window: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Run the chain for every position of (B, T+1) windows at once, given the true context.
+
+        Each noisy position only sees the clean context before it, so all T predictions are independent
+        chains that can share one batched call per step. Returns the final-step logits (B, T, V).
+        """
+        context = window[:, :-1]
+        B, T = context.shape
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        z = (torch.randn(B, T, self.target_embedding.shape[1], generator=g) * self.sigmas[0]).to(window.device)
+
+        def denoise(step: int, block: int, z: torch.Tensor, sigma: float):
+            _, logits = self.blocks[block](context, z, torch.full((B,), sigma, device=window.device))
+            return logits.float().softmax(-1) @ self.target_embedding, logits
+
+        logits, _ = sample_chain(denoise, z, self.sigmas, self.step_blocks)
+        return logits.float()

@@ -1,0 +1,284 @@
+"""The run directory: the contract between independently launched jobs (see ARCHITECTURE.md).
+
+    runs/X/config.yaml                      resolved config, frozen at prepare time
+    runs/X/manifest.json                    run id, partition, hashes of everything below
+    runs/X/tokenizer/spm.model
+    runs/X/data/{train,val}_NNNN.bin        tokenized memmap shards
+    runs/X/target_embedding.safetensors     frozen, seeded, L2-normalised target table
+    runs/X/blocks/b/  runs/X/e2e/           DeepSpeed checkpoints, tensorboard/, metrics.jsonl
+    runs/X/merged/                          model.safetensors + manifest.json
+
+A run is prepared in a temporary sibling directory and renamed into place, so a crash never leaves a
+half-prepared run. Every file is written to a temporary name, flushed and renamed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dbscale import __version__
+from dbscale.config import Config, config_from_dict
+from dbscale.diffusion.partition import Partition
+from dbscale.errors import DataError, RunError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CONFIG = "config.yaml"
+TOKENIZER = "tokenizer/spm.model"
+TARGET_EMBEDDING = "target_embedding.safetensors"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Files written whole or not at all.
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path, what: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: {what} missing.")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: {what} is not valid JSON ({e}); the file is damaged.") from None
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
+    return out
+
+
+def partition_record(cfg: Config) -> dict:
+    p = Partition.from_config(cfg.diffusion)
+    return {
+        "kind": cfg.diffusion.partition,
+        "gamma": cfg.diffusion.gamma,
+        "sigma_boundaries": list(p.boundaries),
+        "block_intervals": [list(iv) for iv in p.intervals],
+        "train_intervals": [list(iv) for iv in p.train_intervals],
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Opening and verifying a prepared run.
+
+
+@dataclasses.dataclass
+class Run:
+    root: Path
+    config: Config
+    manifest: dict
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest["run_id"]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.config.diffusion.num_blocks
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["vocab_size"]
+
+    def job_dir(self, block: int | None) -> Path:
+        """blocks/b for a block job, e2e/ for the baseline."""
+        return self.root / "e2e" if block is None else self.root / "blocks" / str(block)
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def verify(self) -> None:
+        """Check that config, tokenizer and target embedding are the files the manifest was made with."""
+        checks = {CONFIG: "config_sha256", TOKENIZER: "tokenizer_sha256", TARGET_EMBEDDING: "target_embedding_sha256"}
+        for rel, key in checks.items():
+            path = self.root / rel
+            if not path.is_file():
+                raise RunError(f"{path}: missing from the run. Fix: re-create the run with tools/prepare.py.")
+            if sha256_file(path) != self.manifest[key]:
+                raise RunError(
+                    f"{path}: sha256 differs from {self.root / MANIFEST} ({key}); the file was changed or "
+                    "copied from another run. Fix: restore the original file, or prepare a new run directory."
+                )
+        if config_hash(self.config) != self.manifest["resolved_config_sha256"]:
+            raise RunError(f"{self.root / CONFIG}: does not resolve to the config recorded in the manifest.")
+
+    def load_target_embedding(self):
+        from safetensors.torch import load_file
+
+        path = self.root / TARGET_EMBEDDING
+        return load_file(str(path))["target_embedding"]
+
+    def shards(self, split: str):
+        from dbscale.data.shards import TokenShards
+
+        data = self.manifest["data"]
+        return TokenShards(self.root / "data", data[split], data["dtype"], split)
+
+
+def open_run(root: str | Path, verify: bool = True) -> Run:
+    root = Path(root)
+    if not root.is_dir():
+        raise RunError(f"{root}: no such run directory. Fix: create it with tools/prepare.py --config C --run {root}.")
+    manifest = read_json(root / MANIFEST, "run manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise RunError(
+            f"{root / MANIFEST}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION} "
+            f"(this dbscale is {__version__}). Fix: prepare the run again with this version."
+        )
+    cfg_path = root / CONFIG
+    if not cfg_path.is_file():
+        raise RunError(f"{cfg_path}: missing. Fix: re-create the run with tools/prepare.py.")
+    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()), where=str(cfg_path))
+    run = Run(root, cfg, manifest)
+    if verify:
+        run.verify()
+    return run
+
+
+# --------------------------------------------------------------------------------------------------------
+# Creating a run.
+
+
+def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
+    """Create the run directory: tokenizer, shards, target embedding, manifest. Idempotent for the same
+    config; refuses (and changes nothing) when the directory holds a run of another config."""
+    from safetensors.torch import save_file
+
+    from dbscale.data.shards import token_dtype, write_shards
+    from dbscale.data.sources import load_documents, split_documents
+    from dbscale.data.tokenizer import Tokenizer, train_sentencepiece
+    from dbscale.models.llama import frozen_target_embedding
+
+    root = Path(root)
+    if root.exists():
+        if (root / MANIFEST).is_file():
+            existing = open_run(root, verify=False)
+            diff = config_diff(existing.config.to_dict(), cfg.to_dict())
+            if diff:
+                raise RunError(
+                    f"{root}: already holds a run prepared from another config ({len(diff)} difference(s): "
+                    f"{'; '.join(diff[:6])}). Nothing was changed. Fix: choose a new --run directory, or "
+                    "remove this one if its checkpoints are not needed."
+                )
+            existing.verify()
+            log(f"[prepare] {root} is already prepared with this config (run id {existing.run_id}); verified.")
+            return existing
+        if any(root.iterdir()):
+            raise RunError(f"{root}: exists, is not empty and holds no {MANIFEST}. Fix: choose a new --run directory.")
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.preparing-", dir=root.parent))
+    try:
+        t0 = time.time()
+        atomic_write_text(staging / CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        log(f"[prepare] reading documents (source: {cfg.data.source}) ...")
+        docs = load_documents(cfg.data)
+        train_docs, val_docs = split_documents(docs, cfg.data.val_fraction, cfg.data.seed)
+        log(f"[prepare] {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f}M characters; "
+            f"{len(train_docs)} train / {len(val_docs)} validation")
+
+        log(f"[prepare] training a sentencepiece {cfg.data.tokenizer_type} tokenizer, vocab {cfg.data.vocab_size} ...")
+        model_bytes = train_sentencepiece(
+            train_docs, cfg.data.vocab_size, cfg.data.tokenizer_type, cfg.data.tokenizer_train_chars
+        )
+        atomic_write_bytes(staging / TOKENIZER, model_bytes)
+        tok = Tokenizer(staging / TOKENIZER)
+
+        log("[prepare] tokenizing into memmap shards ...")
+        dtype = token_dtype(tok.vocab_size)
+        data = {"dtype": dtype.name}
+        for split, split_docs in (("train", train_docs), ("val", val_docs)):
+            batches = (tok.encode_batch(split_docs[i : i + 256]) for i in range(0, len(split_docs), 256))
+            ids = (doc for batch in batches for doc in batch)
+            data[split] = write_shards(ids, tok.eos_id, staging / "data", split, cfg.data.shard_tokens, dtype)
+        n_train = sum(r["tokens"] for r in data["train"])
+        n_val = sum(r["tokens"] for r in data["val"])
+        if n_val < cfg.model.seq_len + 1:
+            raise DataError(
+                f"data: the validation split has {n_val} tokens, fewer than one window of model.seq_len+1="
+                f"{cfg.model.seq_len + 1}. Fix: raise data.val_fraction or use a larger corpus."
+            )
+        log(f"[prepare] {n_train:,} train tokens, {n_val:,} validation tokens ({n_train / sum(map(len, train_docs)):.3f} tokens/char)")
+
+        table = frozen_target_embedding(tok.vocab_size, cfg.model.embed_dim, cfg.diffusion.target_seed)
+        save_file({"target_embedding": table}, str(staging / TARGET_EMBEDDING))
+
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dbscale_version": __version__,
+            "run_id": uuid.uuid4().hex,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "name": cfg.name,
+            "family": cfg.model.family,
+            "num_blocks": cfg.diffusion.num_blocks,
+            "layers_per_block": cfg.layer_allocation(),
+            "partition": partition_record(cfg),
+            "vocab_size": tok.vocab_size,
+            "resolved_config_sha256": config_hash(cfg),
+            "config_sha256": sha256_file(staging / CONFIG),
+            "tokenizer_sha256": sha256_file(staging / TOKENIZER),
+            "target_embedding_sha256": sha256_file(staging / TARGET_EMBEDDING),
+            "data": data,
+        }
+        atomic_write_json(staging / MANIFEST, manifest)
+        if root.exists():
+            root.rmdir()  # empty, checked above
+        os.replace(staging, root)
+        log(f"[prepare] run {root} ready in {time.time() - t0:.1f}s (run id {manifest['run_id']})")
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return open_run(root)

@@ -1,0 +1,164 @@
+"""Verified DeepSpeed checkpoints.
+
+A job directory holds `global_stepN/` tags written by `engine.save_checkpoint`, plus dbscale's own:
+- `global_stepN/dbscale.json`: written LAST, after every rank has written its shards: run id, block, step,
+  world size, ZeRO stage and the size and sha256 of every file in the tag. A tag without it is unfinished.
+- `latest`: the newest complete tag, moved (atomically) only after its marker exists.
+
+Loading checks the marker, the run id and every file's size and hash before DeepSpeed unpickles anything,
+so only files this run wrote and hashed are ever loaded; a damaged newest tag falls back to the previous one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from dbscale.errors import CheckpointError
+from dbscale.run import atomic_write_json, atomic_write_text, read_json, sha256_file
+
+MARKER = "dbscale.json"
+LATEST = "latest"
+_TAG = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def step_of(tag: str) -> int | None:
+    m = _TAG.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def rank_files(tag_dir: Path, rank: int) -> list[Path]:
+    """The files of a tag that this rank wrote (rank 0 also owns the files not named by rank)."""
+    mine = []
+    for f in sorted(tag_dir.iterdir()):
+        if not f.is_file() or f.name == MARKER:
+            continue
+        m = re.search(r"zero_pp_rank_(\d+)_", f.name)
+        owner = int(m.group(1)) if m else 0
+        if owner == rank:
+            mine.append(f)
+    return mine
+
+
+def hash_files(files: list[Path]) -> dict[str, dict]:
+    return {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files}
+
+
+def write_marker(job_dir: Path, tag: str, identity: dict, files: dict[str, dict]) -> None:
+    atomic_write_json(job_dir / tag / MARKER, {**identity, "tag": tag, "files": files, "complete": True})
+
+
+def write_latest(job_dir: Path, tag: str) -> None:
+    atomic_write_text(job_dir / LATEST, tag)
+
+
+@dataclass
+class CheckpointInfo:
+    tag: str
+    step: int
+    marker: dict
+    path: Path
+
+
+def verify_tag(job_dir: Path, tag: str, run_id: str | None = None, block=None) -> CheckpointInfo:
+    """Raise CheckpointError naming the file if a tag is unfinished, damaged or from another run/block."""
+    tag_dir = job_dir / tag
+    marker_path = tag_dir / MARKER
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"{tag_dir}: checkpoint directory missing.")
+    if not marker_path.is_file():
+        raise CheckpointError(f"{tag_dir}: unfinished checkpoint (no {MARKER}); the job stopped while saving.")
+    try:
+        marker = read_json(marker_path, "checkpoint marker")
+    except Exception as e:
+        raise CheckpointError(str(e)) from None
+    if run_id is not None and marker.get("run_id") != run_id:
+        raise CheckpointError(
+            f"{tag_dir}: checkpoint belongs to run {marker.get('run_id')}, not to this run ({run_id}). "
+            "Fix: move it out of this run directory; a block's checkpoints are only valid in their own run."
+        )
+    if block != "any" and marker.get("block") != block:
+        raise CheckpointError(f"{tag_dir}: checkpoint is of block {marker.get('block')}, expected {block}.")
+    for name, rec in marker["files"].items():
+        f = tag_dir / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing from checkpoint {tag}.")
+        if f.stat().st_size != rec["bytes"]:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {rec['bytes']} (truncated or replaced).")
+        if sha256_file(f) != rec["sha256"]:
+            raise CheckpointError(f"{f}: sha256 mismatch (the file was modified or corrupted).")
+    return CheckpointInfo(tag, marker["step"], marker, tag_dir)
+
+
+def list_tags(job_dir: Path) -> list[str]:
+    """Tag directories present, newest step first."""
+    if not job_dir.is_dir():
+        return []
+    tags = [p.name for p in job_dir.iterdir() if p.is_dir() and step_of(p.name) is not None]
+    return sorted(tags, key=step_of, reverse=True)
+
+
+def find_resumable(job_dir: Path, run_id: str, block) -> CheckpointInfo | None:
+    """The newest intact checkpoint of this run and block, or None when the job has none yet.
+
+    A damaged or unfinished newer tag is skipped with a warning. Raises when tags exist but none is intact
+    (so nothing is silently retrained over), or when any tag belongs to another run.
+    """
+    tags = list_tags(job_dir)
+    latest = (job_dir / LATEST).read_text().strip() if (job_dir / LATEST).is_file() else None
+    if latest in tags:  # `latest` first; newer unfinished tags after it are skipped anyway
+        tags.remove(latest)
+        tags.insert(0, latest)
+    problems = []
+    for tag in tags:
+        try:
+            info = verify_tag(job_dir, tag, run_id, block)
+        except CheckpointError as e:
+            if "belongs to run" in str(e) or "is of block" in str(e):
+                raise
+            problems.append(str(e))
+            continue
+        for p in problems:
+            warnings.warn(f"skipping damaged checkpoint: {p} Resuming from {info.path} instead.", stacklevel=2)
+        return info
+    if problems:
+        raise CheckpointError(
+            "no intact checkpoint to resume from: " + " | ".join(problems) + f" Fix: restore the files, or "
+            f"delete the damaged global_step* directories in {job_dir} to start this job from scratch."
+        )
+    return None
+
+
+def prune(job_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete tags (never the one `latest` names)."""
+    latest = (job_dir / LATEST).read_text().strip() if (job_dir / LATEST).is_file() else None
+    complete = [t for t in list_tags(job_dir) if (job_dir / t / MARKER).is_file()]
+    for tag in complete[keep:]:
+        if tag != latest:
+            shutil.rmtree(job_dir / tag, ignore_errors=True)
+
+
+def remove_unfinished(job_dir: Path, newer_than: int) -> None:
+    """Remove unfinished tags newer than the resume point, so a re-save at that step starts clean."""
+    for tag in list_tags(job_dir):
+        if step_of(tag) > newer_than and not (job_dir / tag / MARKER).is_file():
+            shutil.rmtree(job_dir / tag, ignore_errors=True)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass

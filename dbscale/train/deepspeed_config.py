@@ -1,0 +1,60 @@
+"""The DeepSpeed config of a job, derived from the run's TrainConfig (one source of truth)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dbscale.config import TrainConfig
+
+
+def use_bf16(train: TrainConfig) -> bool:
+    if train.precision == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return train.precision == "bf16"
+
+
+def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
+    on_gpu = torch.cuda.is_available()
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch * train.grad_accum * world_size,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": use_bf16(train)},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": train.lr,
+                "betas": list(train.betas),
+                "eps": 1e-8,
+                "weight_decay": train.weight_decay,
+                # DeepSpeed's default on CPU is a C++ FusedAdam JIT-compiled on first use (~80 s);
+                # torch's AdamW needs no compile. On GPU the fused CUDA kernel is used.
+                "torch_adam": not on_gpu,
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(train: TrainConfig):
+    """Linear warm-up, then cosine / linear decay to min_lr_ratio, or constant. Multiplier of train.lr."""
+
+    def f(step: int) -> float:
+        if train.warmup_steps and step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        if train.schedule == "constant":
+            return 1.0
+        span = max(1, train.steps - train.warmup_steps)
+        progress = min(1.0, (step - train.warmup_steps) / span)
+        if train.schedule == "cosine":
+            decay = 0.5 * (1 + math.cos(math.pi * progress))
+        else:
+            decay = 1 - progress
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * decay
+
+    return f

@@ -1,0 +1,254 @@
+"""The training loop of one job: a DiffusionBlocks block (`block=b`) or the end-to-end baseline (`block=None`).
+
+A job reads only the run's frozen files and writes only its own directory (blocks/b/ or e2e/). It resumes
+from its newest intact checkpoint automatically. Data windows and noise are functions of (seed, step, rank),
+so a resumed job reproduces the losses of an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from dbscale.diffusion.noise import sample_truncated_lognormal
+from dbscale.errors import CheckpointError, DbscaleError, RunError
+from dbscale.models.llama import DenoiserBlock, LlamaLM, denoiser_loss, lm_loss
+from dbscale.run import Run
+from dbscale.train import checkpoint as ckpt
+from dbscale.train.deepspeed_config import deepspeed_config, lr_lambda
+from dbscale.train.metrics import MetricsLogger, peak_memory_bytes
+
+
+class TrainingError(DbscaleError):
+    """Training cannot continue (non-finite loss, ...); the last checkpoint is intact."""
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class Trainer:
+    def __init__(self, run: Run, block: int | None, rank: int, world_size: int):
+        import deepspeed
+
+        self.run, self.block, self.rank, self.world = run, block, rank, world_size
+        cfg = self.cfg = run.config
+        if block is not None and not 0 <= block < run.num_blocks:
+            raise RunError(f"--block {block}: this run has blocks 0..{run.num_blocks - 1} (diffusion.num_blocks).")
+        self.job = f"block {block}" if block is not None else "e2e"
+        self.job_dir = run.job_dir(block)
+        self.job_id = 0 if block is None else block + 1
+
+        torch.manual_seed(_seed(cfg.train.seed, self.job_id, 17))  # same init on every rank
+        if block is None:
+            model = LlamaLM(cfg.model, run.vocab_size)
+        else:
+            n_layers = cfg.layer_allocation()[block]
+            model = DenoiserBlock(cfg.model, run.vocab_size, n_layers, cfg.diffusion.sigma_data)
+            self.interval = tuple(run.manifest["partition"]["train_intervals"][block])
+        model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.num_params = sum(p.numel() for p in model.parameters())
+
+        ds_config = deepspeed_config(cfg.train, world_size)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train)),
+        )
+        self.device = self.engine.device
+        if block is not None:
+            self.target_embedding = run.load_target_embedding().to(self.device)
+        self.train_shards = run.shards("train")
+        self.val_shards = run.shards("val")
+        self.logger = MetricsLogger(self.job_dir, enabled=rank == 0)
+        self.stop_requested = False
+
+    # ---------------------------------------------------------------------------------------------------
+    def _batch(self, step: int, micro: int, validation: bool = False):
+        """(window, sigma, noise) of one micro-batch, a pure function of (seed, step, rank, micro)."""
+        t, mb = self.cfg.train, self.cfg.train.micro_batch
+        length = self.cfg.model.seq_len + 1
+        if validation:
+            windows = self._val_windows[micro * mb : (micro + 1) * mb]
+        else:  # the same data stream for every job of the run: blocks and baseline see the same windows
+            rng = np.random.default_rng(_seed(t.seed, step, self.rank, micro, 1))
+            windows = self.train_shards.random_windows(rng, mb, length)
+        window = torch.from_numpy(windows).to(self.device)
+        if self.block is None:
+            return window, None, None
+        d = self.cfg.diffusion
+        noise_seed = _seed(t.seed, self.job_id, step, self.rank, micro, 2 if not validation else 3)
+        g = torch.Generator().manual_seed(noise_seed)
+        sigma = sample_truncated_lognormal(len(windows), *self.interval, d.P_mean, d.P_std, generator=g)
+        noise = torch.randn(len(windows), length - 1, self.cfg.model.embed_dim, generator=g)
+        return window, sigma.float().to(self.device), noise.to(self.device)
+
+    def _loss(self, window, sigma, noise):
+        if self.block is None:
+            loss = lm_loss(self.engine, window)
+            return loss, loss.detach().expand(window.shape[0])
+        d = self.cfg.diffusion
+        return denoiser_loss(
+            self.engine, window, self.target_embedding, sigma, noise, d.loss_weighting, d.sigma_data
+        )
+
+    @torch.no_grad()
+    def validate(self, step: int) -> dict:
+        """Loss on fixed validation windows (and, for a block, fixed noise), averaged over all ranks."""
+        self.engine.eval()
+        total = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for micro in range(self.cfg.train.val_batches):
+            if micro % self.world != self.rank:
+                continue
+            window, sigma, noise = self._batch(0, micro, validation=True)
+            loss, ce = self._loss(window, sigma, noise)
+            total += torch.tensor([loss.item() * len(ce), ce.sum().item(), len(ce)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        self.engine.train()
+        out = {"val_loss": total[0].item() / max(total[2].item(), 1), "val_ce": total[1].item() / max(total[2].item(), 1)}
+        self.logger.log("val", step, **out)
+        return out
+
+    # ---------------------------------------------------------------------------------------------------
+    def _identity(self, step: int) -> dict:
+        return {
+            "run_id": self.run.run_id,
+            "block": self.block,
+            "step": step,
+            "world_size": self.world,
+            "zero_stage": self.cfg.train.zero_stage,
+            "tokenizer_sha256": self.run.manifest["tokenizer_sha256"],
+        }
+
+    def save(self, step: int) -> None:
+        tag = ckpt.tag_for(step)
+        tag_dir = self.job_dir / tag
+        if self.rank == 0 and tag_dir.exists():  # a damaged or unfinished tag at this step: replace it
+            shutil.rmtree(tag_dir)
+        dist.barrier()
+        self.engine.save_checkpoint(str(self.job_dir), tag=tag, client_state=self._identity(step), save_latest=False)
+        dist.barrier()
+        mine = ckpt.hash_files(ckpt.rank_files(tag_dir, self.rank))
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        if self.rank == 0:
+            files = {k: v for part in gathered for k, v in part.items()}
+            ckpt.write_marker(self.job_dir, tag, self._identity(step), files)
+            ckpt.write_latest(self.job_dir, tag)
+            ckpt.fsync_dir(self.job_dir)
+            ckpt.prune(self.job_dir, self.cfg.train.keep_checkpoints)
+            self.logger.log("checkpoint", step, tag=tag)
+        dist.barrier()
+
+    def resume(self) -> int:
+        """Load the newest intact checkpoint of this job; returns the step to continue from (0 if none)."""
+        choice = [None]
+        if self.rank == 0:
+            try:
+                info = ckpt.find_resumable(self.job_dir, self.run.run_id, self.block)
+                choice = [(info.tag, info.marker) if info else None]
+            except CheckpointError as e:
+                choice = [("error", str(e))]
+        dist.broadcast_object_list(choice, src=0)
+        if choice[0] is None:
+            return 0
+        tag, marker = choice[0]
+        if tag == "error":
+            raise CheckpointError(marker)
+        if marker["world_size"] != self.world or marker["zero_stage"] != self.cfg.train.zero_stage:
+            raise CheckpointError(
+                f"{self.job_dir / tag}: saved with {marker['world_size']} process(es) at ZeRO stage "
+                f"{marker['zero_stage']}; this job has {self.world} at stage {self.cfg.train.zero_stage}. "
+                "Fix: relaunch with the same number of processes (DeepSpeed cannot re-shard a ZeRO checkpoint)."
+            )
+        self.engine.load_checkpoint(str(self.job_dir), tag=tag)
+        if self.rank == 0:
+            ckpt.remove_unfinished(self.job_dir, marker["step"])
+        return int(marker["step"])
+
+    # ---------------------------------------------------------------------------------------------------
+    def _handle_signal(self, signum, frame):
+        self.stop_requested = True
+
+    def _agree(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def train(self) -> dict:
+        t = self.cfg.train
+        start = self.resume()
+        self._val_windows = self.val_shards.fixed_windows(t.val_batches * t.micro_batch, self.cfg.model.seq_len + 1)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle_signal)
+        tokens_per_step = t.micro_batch * t.grad_accum * self.world * self.cfg.model.seq_len
+        self.logger.log(
+            "start", start, job=self.job, world_size=self.world, params=self.num_params,
+            zero_stage=t.zero_stage, tokens_per_step=tokens_per_step, device=str(self.device),
+        )
+        bar = tqdm(total=t.steps, initial=start, desc=f"[{self.run.config.name}] {self.job}", unit="step",
+                   disable=self.rank != 0, mininterval=1.0, dynamic_ncols=True)
+        kill_after = int(os.environ.get("DBSCALE_TEST_KILL_AFTER_STEP", "-1"))  # fault-injection hook (tests)
+        last_val: dict = {}
+        step = start
+        window_t0, window_steps = time.time(), 0
+        self.engine.train()
+        while step < t.steps:
+            step_t0 = time.time()
+            losses, ces = [], []
+            for micro in range(t.grad_accum):
+                window, sigma, noise = self._batch(step, micro)
+                loss, ce = self._loss(window, sigma, noise)
+                if self._agree(not torch.isfinite(loss).item()):
+                    self.logger.log("nonfinite", step, job=self.job)
+                    raise TrainingError(
+                        f"{self.job}: non-finite loss at step {step + 1}; the weights were not updated and the "
+                        f"last checkpoint in {self.job_dir} is intact. Fix: lower train.lr or check the data."
+                    )
+                self.engine.backward(loss)
+                self.engine.step()
+                losses.append(loss.item())
+                ces.append(ce.mean().item())
+            step += 1
+            window_steps += 1
+            bar.update(1)
+            if step % t.log_every == 0 or step == t.steps:
+                elapsed = time.time() - window_t0
+                record = {
+                    "loss": float(np.mean(losses)),
+                    "ce": float(np.mean(ces)),
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
+                    "step_time_s": time.time() - step_t0,
+                    "peak_mem_bytes": peak_memory_bytes(),
+                }
+                self.logger.log("train", step, **record)
+                bar.set_postfix(loss=f"{record['loss']:.4g}", ce=f"{record['ce']:.3f}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+                window_t0, window_steps = time.time(), 0
+            if (t.val_every and step % t.val_every == 0) or step == t.steps:
+                last_val = self.validate(step)
+                bar.write(f"[{self.job}] step {step}: val_loss {last_val['val_loss']:.4g}, val_ce {last_val['val_ce']:.4f}")
+            stop = self._agree(self.stop_requested)
+            if step % t.save_every == 0 or step == t.steps or stop:
+                self.save(step)
+            if step == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stop:
+                self.logger.log("stopped", step, reason="signal")
+                bar.write(f"[{self.job}] stopped by signal at step {step}; checkpoint saved, rerun to resume.")
+                break
+        bar.close()
+        if step >= t.steps and not last_val:  # resumed a finished job
+            last_val = self.validate(step)
+        self.logger.log("end", step, **last_val)
+        self.logger.close()
+        return {"step": step, **last_val}
