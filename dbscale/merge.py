@@ -41,7 +41,8 @@ def _consolidate(run: Run, block: int | None, allow_unfinished: bool) -> tuple[d
     job_dir = run.job_dir(block)
     name = "the end-to-end baseline" if block is None else f"block {block}"
     launch = (
-        f"python launchers/train_e2e.py --run {run.root}" if block is None
+        f"python launchers/train_e2e.py --run {run.root}"
+        if block is None
         else f"python launchers/train_block.py --run {run.root} --block {block}"
     )
     info = ckpt.find_resumable(job_dir, run.run_id, block)
@@ -86,20 +87,23 @@ def merge_run(run_dir: str | Path, e2e: bool = False, allow_unfinished: bool = F
         save_file(state, str(staging / MODEL_FILE))
         (staging / "tokenizer").mkdir()
         shutil.copy2(run.root / TOKENIZER, staging / TOKENIZER)
-        atomic_write_json(staging / MANIFEST_FILE, {
-            "format_version": FORMAT_VERSION,
-            "kind": "e2e" if e2e else "blocks",
-            "family": run.config.model.family,
-            "run_id": run.run_id,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "config": run.config.to_dict(),
-            "vocab_size": run.vocab_size,
-            "partition": run.manifest["partition"],
-            "sources": sources,
-            "model_sha256": sha256_file(staging / MODEL_FILE),
-            "tokenizer_sha256": run.manifest["tokenizer_sha256"],
-            "num_parameters": int(sum(v.numel() for k, v in state.items() if k != "target_embedding")),
-        })
+        atomic_write_json(
+            staging / MANIFEST_FILE,
+            {
+                "format_version": FORMAT_VERSION,
+                "kind": "e2e" if e2e else "blocks",
+                "family": run.config.model.family,
+                "run_id": run.run_id,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "config": run.config.to_dict(),
+                "vocab_size": run.vocab_size,
+                "partition": run.manifest["partition"],
+                "sources": sources,
+                "model_sha256": sha256_file(staging / MODEL_FILE),
+                "tokenizer_sha256": run.manifest["tokenizer_sha256"],
+                "num_parameters": int(sum(v.numel() for k, v in state.items() if k != "target_embedding")),
+            },
+        )
         if out.exists():  # replace the previous merge only once the new one is complete
             old = out.with_name(out.name + f".old-{os.getpid()}")
             os.replace(out, old)

@@ -227,8 +227,10 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
         log(f"[prepare] reading documents (source: {cfg.data.source}) ...")
         docs = load_documents(cfg.data)
         train_docs, val_docs = split_documents(docs, cfg.data.val_fraction, cfg.data.seed)
-        log(f"[prepare] {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f}M characters; "
-            f"{len(train_docs)} train / {len(val_docs)} validation")
+        log(
+            f"[prepare] {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f}M characters; "
+            f"{len(train_docs)} train / {len(val_docs)} validation"
+        )
 
         log(f"[prepare] training a sentencepiece {cfg.data.tokenizer_type} tokenizer, vocab {cfg.data.vocab_size} ...")
         model_bytes = train_sentencepiece(
@@ -251,7 +253,8 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
                 f"data: the validation split has {n_val} tokens, fewer than one window of model.seq_len+1="
                 f"{cfg.model.seq_len + 1}. Fix: raise data.val_fraction or use a larger corpus."
             )
-        log(f"[prepare] {n_train:,} train tokens, {n_val:,} validation tokens ({n_train / sum(map(len, train_docs)):.3f} tokens/char)")
+        per_char = n_train / sum(map(len, train_docs))
+        log(f"[prepare] {n_train:,} train tokens, {n_val:,} validation tokens ({per_char:.3f} tokens/char)")
 
         table = frozen_target_embedding(tok.vocab_size, cfg.model.embed_dim, cfg.diffusion.target_seed)
         save_file({"target_embedding": table}, str(staging / TARGET_EMBEDDING))

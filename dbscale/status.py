@@ -25,9 +25,7 @@ def job_status(run, block: int | None) -> dict:
     starts = [e for e in events if e["event"] == "start"]
     wall = None
     if starts and events:
-        wall = round(sum(
-            (seg[-1]["time"] - seg[0]["time"]) for seg in _segments(events)
-        ), 1)
+        wall = round(sum((seg[-1]["time"] - seg[0]["time"]) for seg in _segments(events)), 1)
     interval = None
     if block is not None:
         interval = run.manifest["partition"]["block_intervals"][block]
@@ -67,7 +65,10 @@ def format_table(rows: list[dict]) -> str:
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
-    header = f"{'job':8} {'sigma interval':>17} {'state':>18} {'step':>11} {'loss':>9} {'val_loss':>9} {'val_ce':>7} {'tok/s':>7} {'peak MiB':>8} {'params':>8} {'wall s':>7}  checkpoint"
+    header = (
+        f"{'job':8} {'sigma interval':>17} {'state':>18} {'step':>11} {'loss':>9} {'val_loss':>9} {'val_ce':>7} "
+        f"{'tok/s':>7} {'peak MiB':>8} {'params':>8} {'wall s':>7}  checkpoint"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         iv = "-" if r["sigma_interval"] is None else f"[{r['sigma_interval'][0]:.3g}, {r['sigma_interval'][1]:.3g}]"

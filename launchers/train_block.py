@@ -1,7 +1,7 @@
 """Train block b of a DiffusionBlocks run as its own DeepSpeed job.
 
-    deepspeed --num_gpus 8 launchers/train_block.py --run runs/X --block 0
-    python launchers/train_block.py --run runs/X --block 0          # one process
+deepspeed --num_gpus 8 launchers/train_block.py --run runs/X --block 0
+python launchers/train_block.py --run runs/X --block 0          # one process
 """
 
 import sys

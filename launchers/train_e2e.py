@@ -1,7 +1,7 @@
 """Train the end-to-end baseline of a run (same data, same layers) as a DeepSpeed job.
 
-    deepspeed --num_gpus 8 launchers/train_e2e.py --run runs/X
-    python launchers/train_e2e.py --run runs/X
+deepspeed --num_gpus 8 launchers/train_e2e.py --run runs/X
+python launchers/train_e2e.py --run runs/X
 """
 
 import sys

@@ -1,8 +1,8 @@
 """Sample text from a merged model (DiffusionBlocks chain or end-to-end baseline), and evaluate it.
 
-    python tools/generate.py --model runs/tiny/merged --prompt "The Congress" --max-new-tokens 40
-    python tools/generate.py --model runs/tiny/e2e/merged --prompt-file prompts.txt --format jsonl
-    python tools/generate.py --model runs/tiny/merged --heldout runs/tiny     # held-out CE / accuracy
+python tools/generate.py --model runs/tiny/merged --prompt "The Congress" --max-new-tokens 40
+python tools/generate.py --model runs/tiny/e2e/merged --prompt-file prompts.txt --format jsonl
+python tools/generate.py --model runs/tiny/merged --heldout runs/tiny     # held-out CE / accuracy
 """
 
 import argparse
@@ -36,7 +36,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="merged model directory (R/merged or R/e2e/merged)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompt-file", help="prompts, one per line (.txt) or {\"prompt\": ...} per line (.jsonl)")
+    p.add_argument("--prompt-file", help='prompts, one per line (.txt) or {"prompt": ...} per line (.jsonl)')
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the paper's decoding)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -64,17 +64,27 @@ def main() -> int:
     bar = tqdm(total=len(prompts) * args.max_new_tokens, desc=f"generating ({label})", unit="tok", file=sys.stderr)
     for prompt in prompts:
         result = timed_generate(
-            model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_p=args.top_p, seed=args.seed, progress=bar,
+            model,
+            tokenizer,
+            prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            progress=bar,
         )
         result["model"] = label
         if args.format == "jsonl":
             print(json.dumps(result), flush=True)
         else:
-            bar.write(f"--- [{label}] {result['new_tokens']} tokens, {result['tokens_per_s']} tok/s\n"
-                      f"{result['prompt']}\033[1m{result['completion']}\033[0m" if sys.stdout.isatty()
-                      else f"--- [{label}] {result['new_tokens']} tokens, {result['tokens_per_s']} tok/s\n"
-                      f"{result['prompt']}{result['completion']}", file=sys.stdout)
+            bar.write(
+                f"--- [{label}] {result['new_tokens']} tokens, {result['tokens_per_s']} tok/s\n"
+                f"{result['prompt']}\033[1m{result['completion']}\033[0m"
+                if sys.stdout.isatty()
+                else f"--- [{label}] {result['new_tokens']} tokens, {result['tokens_per_s']} tok/s\n"
+                f"{result['prompt']}{result['completion']}",
+                file=sys.stdout,
+            )
     bar.close()
     if args.heldout:
         from dbscale.run import open_run

@@ -1,7 +1,7 @@
 """Consolidate each block's DeepSpeed checkpoint (any ZeRO stage) into one merged model.
 
-    python tools/merge_blocks.py --run runs/tiny           # -> runs/tiny/merged/
-    python tools/merge_blocks.py --run runs/tiny --e2e     # -> runs/tiny/e2e/merged/
+python tools/merge_blocks.py --run runs/tiny           # -> runs/tiny/merged/
+python tools/merge_blocks.py --run runs/tiny --e2e     # -> runs/tiny/e2e/merged/
 """
 
 import argparse

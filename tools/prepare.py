@@ -1,7 +1,7 @@
 """Create a run directory from a config: tokenizer, tokenized shards, frozen target embedding, manifest.
 
-    python tools/prepare.py --config configs/llama_tiny.yaml --run runs/tiny
-    python tools/prepare.py --config configs/llama_lm1b_b4.yaml --dry-run     # print the plan as JSON
+python tools/prepare.py --config configs/llama_tiny.yaml --run runs/tiny
+python tools/prepare.py --config configs/llama_lm1b_b4.yaml --dry-run     # print the plan as JSON
 """
 
 import argparse

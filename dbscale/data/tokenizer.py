@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import sentencepiece as spm
@@ -50,8 +51,17 @@ def train_sentencepiece(docs: list[str], vocab_size: int, model_type: str, max_c
         )
     except RuntimeError as e:
         msg = str(e)
-        fix = " Fix: lower data.vocab_size or give more text." if "Vocabulary size" in msg else ""
-        raise DataError(f"data.vocab_size={vocab_size}: sentencepiece training failed: {msg}.{fix}") from None
+        needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", msg)
+        if needed:
+            fix = (
+                f" Fix: raise data.vocab_size to at least {int(needed.group(1)) + 8} (byte fallback needs 256 "
+                "byte pieces plus one piece per character of the corpus)."
+            )
+        elif "too high" in msg:
+            fix = " Fix: lower data.vocab_size or give more text."
+        else:
+            fix = ""
+        raise DataError(f"data.vocab_size={vocab_size}: sentencepiece training failed: {msg.strip()}.{fix}") from None
     return buf.getvalue()
 
 

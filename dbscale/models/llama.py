@@ -68,7 +68,14 @@ class LlamaLM(nn.Module):
             key_pos = positions if cache.positions is None else torch.cat([cache.positions, positions])
             mask = stream_attention_mask(key_pos, torch.ones_like(key_pos, dtype=torch.bool), T)
         x = run_layers(
-            self.layers, x, cos, sin, mask, None, cache, T if cache is not None else 0,
+            self.layers,
+            x,
+            cos,
+            sin,
+            mask,
+            None,
+            cache,
+            T if cache is not None else 0,
             self.activation_checkpointing,
         )
         if cache is not None:
@@ -138,7 +145,9 @@ class DenoiserBlock(nn.Module):
 
         x = torch.cat([self.embed_tokens(clean_tokens), self.in_proj((c_in * z.float()).to(dtype))], dim=1)
         new_pos = torch.cat([clean_pos, noisy_pos])
-        new_clean = torch.cat([torch.ones(Tc, dtype=torch.bool, device=dev), torch.zeros(Tn, dtype=torch.bool, device=dev)])
+        new_clean = torch.cat(
+            [torch.ones(Tc, dtype=torch.bool, device=dev), torch.zeros(Tn, dtype=torch.bool, device=dev)]
+        )
         if cache is not None and cache.positions is not None:
             key_pos = torch.cat([cache.positions, new_pos])
             key_clean = torch.cat([torch.ones_like(cache.positions, dtype=torch.bool), new_clean])
@@ -203,6 +212,11 @@ class DiffusionBlocksLM(nn.Module):
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.sigmas]  # one per step: each step runs at one fixed sigma
 
+    def start_noise(self, seed: int, position: int) -> torch.Tensor:
+        """The chain's starting state for one position, (1, 1, e) ~ N(0, sigma_max^2), seeded by position."""
+        g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + position)
+        return torch.randn(1, 1, self.target_embedding.shape[1], generator=g) * self.sigmas[0]
+
     @torch.no_grad()
     def next_token_logits(self, cache: list[KVCache], new_tokens: torch.Tensor, seed: int = 0) -> torch.Tensor:
         """Append new_tokens (1, n) to every step's context; run the chain for the next position.
@@ -215,9 +229,7 @@ class DiffusionBlocksLM(nn.Module):
         n = new_tokens.shape[1]
         clean_pos = torch.arange(start, start + n, device=dev)
         noisy_pos = torch.tensor([start + n], device=dev)
-        g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + start + n)
-        e = self.target_embedding.shape[1]
-        z = (torch.randn(1, 1, e, generator=g) * self.sigmas[0]).to(dev)
+        z = self.start_noise(seed, start + n).to(dev)
 
         def denoise(step: int, block: int, z: torch.Tensor, sigma: float):
             s = torch.full((1,), sigma, device=dev)
@@ -229,16 +241,19 @@ class DiffusionBlocksLM(nn.Module):
         return logits[:, -1].float()
 
     @torch.no_grad()
-    def teacher_forced_logits(self, window: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    def teacher_forced_logits(self, window: torch.Tensor, seed: int = 0, z: torch.Tensor | None = None) -> torch.Tensor:
         """Run the chain for every position of (B, T+1) windows at once, given the true context.
 
         Each noisy position only sees the clean context before it, so all T predictions are independent
-        chains that can share one batched call per step. Returns the final-step logits (B, T, V).
+        chains that can share one batched call per step. z: optional starting noise (B, T, e), already
+        scaled by sigma_max. Returns the final-step logits (B, T, V).
         """
         context = window[:, :-1]
         B, T = context.shape
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        z = (torch.randn(B, T, self.target_embedding.shape[1], generator=g) * self.sigmas[0]).to(window.device)
+        if z is None:
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            z = torch.randn(B, T, self.target_embedding.shape[1], generator=g) * self.sigmas[0]
+        z = z.to(window.device)
 
         def denoise(step: int, block: int, z: torch.Tensor, sigma: float):
             _, logits = self.blocks[block](context, z, torch.full((B,), sigma, device=window.device))

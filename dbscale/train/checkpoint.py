@@ -112,13 +112,8 @@ def find_resumable(job_dir: Path, run_id: str, block) -> CheckpointInfo | None:
     A damaged or unfinished newer tag is skipped with a warning. Raises when tags exist but none is intact
     (so nothing is silently retrained over), or when any tag belongs to another run.
     """
-    tags = list_tags(job_dir)
-    latest = (job_dir / LATEST).read_text().strip() if (job_dir / LATEST).is_file() else None
-    if latest in tags:  # `latest` first; newer unfinished tags after it are skipped anyway
-        tags.remove(latest)
-        tags.insert(0, latest)
     problems = []
-    for tag in tags:
+    for tag in list_tags(job_dir):  # newest step first; `latest` is a pointer for humans and tools
         try:
             info = verify_tag(job_dir, tag, run_id, block)
         except CheckpointError as e:

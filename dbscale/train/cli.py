@@ -16,13 +16,20 @@ from dbscale.errors import ConfigError, DbscaleError
 def parse_args(argv: list[str], kind: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog=f"launchers/train_{kind}.py",
-        description="Train one DiffusionBlocks block of a run." if kind == "block" else "Train the end-to-end baseline of a run.",
+        description="Train one DiffusionBlocks block of a run."
+        if kind == "block"
+        else "Train the end-to-end baseline of a run.",
     )
     p.add_argument("--run", required=True, help="run directory made by tools/prepare.py")
     if kind == "block":
         p.add_argument("--block", type=int, required=True, help="block index, 0 = highest noise (first layers)")
-    p.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
-                   help="override a train.* setting for this job (model, data and partition are fixed at prepare time)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="train.KEY=VALUE",
+        help="override a train.* setting for this job (model, data and partition are fixed at prepare time)",
+    )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 

@@ -96,9 +96,7 @@ class Trainer:
             loss = lm_loss(self.engine, window)
             return loss, loss.detach().expand(window.shape[0])
         d = self.cfg.diffusion
-        return denoiser_loss(
-            self.engine, window, self.target_embedding, sigma, noise, d.loss_weighting, d.sigma_data
-        )
+        return denoiser_loss(self.engine, window, self.target_embedding, sigma, noise, d.loss_weighting, d.sigma_data)
 
     @torch.no_grad()
     def validate(self, step: int) -> dict:
@@ -110,10 +108,15 @@ class Trainer:
                 continue
             window, sigma, noise = self._batch(0, micro, validation=True)
             loss, ce = self._loss(window, sigma, noise)
-            total += torch.tensor([loss.item() * len(ce), ce.sum().item(), len(ce)], dtype=torch.float64, device=self.device)
+            total += torch.tensor(
+                [loss.item() * len(ce), ce.sum().item(), len(ce)], dtype=torch.float64, device=self.device
+            )
         dist.all_reduce(total)
         self.engine.train()
-        out = {"val_loss": total[0].item() / max(total[2].item(), 1), "val_ce": total[1].item() / max(total[2].item(), 1)}
+        out = {
+            "val_loss": total[0].item() / max(total[2].item(), 1),
+            "val_ce": total[1].item() / max(total[2].item(), 1),
+        }
         self.logger.log("val", step, **out)
         return out
 
@@ -191,11 +194,24 @@ class Trainer:
             signal.signal(sig, self._handle_signal)
         tokens_per_step = t.micro_batch * t.grad_accum * self.world * self.cfg.model.seq_len
         self.logger.log(
-            "start", start, job=self.job, world_size=self.world, params=self.num_params,
-            zero_stage=t.zero_stage, tokens_per_step=tokens_per_step, device=str(self.device),
+            "start",
+            start,
+            job=self.job,
+            world_size=self.world,
+            params=self.num_params,
+            zero_stage=t.zero_stage,
+            tokens_per_step=tokens_per_step,
+            device=str(self.device),
         )
-        bar = tqdm(total=t.steps, initial=start, desc=f"[{self.run.config.name}] {self.job}", unit="step",
-                   disable=self.rank != 0, mininterval=1.0, dynamic_ncols=True)
+        bar = tqdm(
+            total=t.steps,
+            initial=start,
+            desc=f"[{self.run.config.name}] {self.job}",
+            unit="step",
+            disable=self.rank != 0,
+            mininterval=1.0,
+            dynamic_ncols=True,
+        )
         kill_after = int(os.environ.get("DBSCALE_TEST_KILL_AFTER_STEP", "-1"))  # fault-injection hook (tests)
         last_val: dict = {}
         step = start
@@ -231,12 +247,15 @@ class Trainer:
                     "peak_mem_bytes": peak_memory_bytes(),
                 }
                 self.logger.log("train", step, **record)
-                bar.set_postfix(loss=f"{record['loss']:.4g}", ce=f"{record['ce']:.3f}",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4g}", ce=f"{record['ce']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
+                )
                 window_t0, window_steps = time.time(), 0
             if (t.val_every and step % t.val_every == 0) or step == t.steps:
                 last_val = self.validate(step)
-                bar.write(f"[{self.job}] step {step}: val_loss {last_val['val_loss']:.4g}, val_ce {last_val['val_ce']:.4f}")
+                bar.write(
+                    f"[{self.job}] step {step}: val_loss {last_val['val_loss']:.4g}, val_ce {last_val['val_ce']:.4f}"
+                )
             stop = self._agree(self.stop_requested)
             if step % t.save_every == 0 or step == t.steps or stop:
                 self.save(step)

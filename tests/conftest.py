@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny configs on real text (the bundled speeches), isolated caches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def speeches() -> list[Path]:
+    from dbscale.data.sources import bundled_speeches_dir
+
+    return sorted(bundled_speeches_dir().glob("*.txt"))
+
+
+def tiny_config_dict(paths: list[str], **sections) -> dict:
+    """A very small run: 2 blocks of 1 layer, d=32, 12 speeches, a 512-token vocabulary."""
+    cfg = {
+        "name": "test-tiny",
+        "model": {"n_layers": 2, "d_model": 32, "n_heads": 2, "ffn_multiple_of": 32, "seq_len": 32},
+        "diffusion": {"num_blocks": 2},
+        "data": {
+            "source": "files",
+            "paths": paths,
+            "vocab_size": 512,
+            "val_fraction": 0.2,
+            "tokenizer_train_chars": 300000,
+        },
+        "train": {
+            "steps": 6,
+            "micro_batch": 4,
+            "lr": 1e-3,
+            "warmup_steps": 2,
+            "log_every": 1,
+            "val_every": 3,
+            "val_batches": 2,
+            "save_every": 3,
+            "zero_stage": 2,
+        },
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg(speeches):
+    from dbscale.config import config_from_dict
+
+    def make(**sections):
+        return config_from_dict(tiny_config_dict([str(p) for p in speeches[:12]], **sections))
+
+    return make

@@ -1,0 +1,74 @@
+"""Checkpoint verification without DeepSpeed: markers, hashes, fallback to the newest intact tag."""
+
+import pytest
+
+from dbscale.errors import CheckpointError
+from dbscale.train import checkpoint as ckpt
+
+RUN = "run-a"
+
+
+def fake_tag(job_dir, step, run_id=RUN, block=0, marker=True):
+    tag = ckpt.tag_for(step)
+    (job_dir / tag).mkdir(parents=True)
+    (job_dir / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights" * 100 + bytes([step]))
+    (job_dir / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"optim" * 50)
+    if marker:
+        files = ckpt.hash_files(ckpt.rank_files(job_dir / tag, 0) + ckpt.rank_files(job_dir / tag, 1))
+        ckpt.write_marker(job_dir, tag, {"run_id": run_id, "block": block, "step": step}, files)
+        ckpt.write_latest(job_dir, tag)
+    return job_dir / tag
+
+
+def test_rank_files_split_by_owner(tmp_path):
+    tag = fake_tag(tmp_path, 5)
+    assert [f.name for f in ckpt.rank_files(tag, 0)] == ["mp_rank_00_model_states.pt"]
+    assert [f.name for f in ckpt.rank_files(tag, 1)] == ["zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+def test_newest_intact_checkpoint_is_found(tmp_path):
+    fake_tag(tmp_path, 5)
+    fake_tag(tmp_path, 10)
+    assert ckpt.find_resumable(tmp_path, RUN, 0).step == 10
+    assert ckpt.find_resumable(tmp_path / "empty", RUN, 0) is None
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "no-marker"])
+def test_damaged_newest_falls_back_with_a_warning(tmp_path, damage):
+    fake_tag(tmp_path, 5)
+    tag = fake_tag(tmp_path, 10, marker=damage != "no-marker")
+    f = tag / "mp_rank_00_model_states.pt"
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[:-20])
+    elif damage == "flip":
+        data = bytearray(f.read_bytes())
+        data[3] ^= 0xFF
+        f.write_bytes(bytes(data))
+    elif damage == "delete":
+        f.unlink()
+    with pytest.warns(UserWarning, match="global_step10"):
+        info = ckpt.find_resumable(tmp_path, RUN, 0)
+    assert info.step == 5
+
+
+def test_only_damaged_checkpoints_is_an_error_naming_the_file(tmp_path):
+    tag = fake_tag(tmp_path, 5)
+    f = tag / "mp_rank_00_model_states.pt"
+    f.write_bytes(f.read_bytes()[:10])
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt.*truncated.*delete the damaged"):
+        ckpt.find_resumable(tmp_path, RUN, 0)
+
+
+def test_checkpoint_of_another_run_or_block_is_refused(tmp_path):
+    fake_tag(tmp_path, 5, run_id="run-b")
+    with pytest.raises(CheckpointError, match="belongs to run run-b"):
+        ckpt.find_resumable(tmp_path, RUN, 0)
+    with pytest.raises(CheckpointError, match="is of block 0, expected 1"):
+        ckpt.find_resumable(tmp_path, "run-b", 1)
+
+
+def test_prune_keeps_the_newest(tmp_path):
+    for step in (3, 6, 9, 12):
+        fake_tag(tmp_path, step)
+    ckpt.prune(tmp_path, keep=2)
+    assert ckpt.list_tags(tmp_path) == ["global_step12", "global_step9"]

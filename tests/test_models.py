@@ -1,0 +1,168 @@
+"""The Llama family: masks against brute force, causality, KV-cache equivalence, zero-init behaviour."""
+
+import pytest
+import torch
+
+from dbscale.config import Config, ModelConfig, config_from_dict
+from dbscale.diffusion.noise import edm_precond
+from dbscale.generate import generate_ids
+from dbscale.models.layers import stream_attention_mask
+from dbscale.models.llama import DenoiserBlock, DiffusionBlocksLM, LlamaLM, denoiser_loss, frozen_target_embedding
+
+CFG = ModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, ffn_multiple_of=32, seq_len=24)
+V = 61
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter (zero-initialised gates and heads included) random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return module.eval()
+
+
+def test_mask_matches_brute_force_rule():
+    T = 5
+    pos = torch.cat([torch.arange(T), torch.arange(1, T + 1)])  # clean 0..T-1, noisy 1..T
+    clean = torch.cat([torch.ones(T, dtype=torch.bool), torch.zeros(T, dtype=torch.bool)])
+    mask = stream_attention_mask(pos, clean, 2 * T)
+    for q in range(2 * T):
+        for k in range(2 * T):
+            if q < T:  # clean query sees clean keys at positions <= its own
+                expected = k < T and pos[k] <= pos[q]
+            else:  # noisy query sees itself and clean keys at earlier positions
+                expected = k == q or (k < T and pos[k] < pos[q])
+            assert bool(mask[q, k]) == expected, (q, k)
+    all_clean = stream_attention_mask(torch.arange(6), torch.ones(6, dtype=torch.bool), 6)
+    assert torch.equal(all_clean, torch.ones(6, 6, dtype=torch.bool).tril())
+
+
+def test_denoiser_causality_brute_force():
+    """Changing clean token j never changes noisy logit i for j >= i-1... in window terms: the noisy
+    position predicting x_i (i = 1..T) depends on x_0..x_{i-1} only, and on each of them."""
+    block = randomize(DenoiserBlock(CFG, V, 2, 0.5))
+    T = 8
+    g = torch.Generator().manual_seed(3)
+    window = torch.randint(0, V, (1, T + 1), generator=g)
+    z = torch.randn(1, T, CFG.embed_dim, generator=g)
+    sigma = torch.tensor([0.7])
+    _, base = block(window[:, :-1], z, sigma)
+    for j in range(T):  # change context token x_j
+        changed = window.clone()
+        changed[0, j] = (changed[0, j] + 1) % V
+        _, logits = block(changed[:, :-1], z, sigma)
+        for i in range(T):  # output i predicts x_{i+1} from x_0..x_i
+            diff = (logits[0, i] - base[0, i]).abs().max().item()
+            if j > i:
+                assert diff == 0.0, f"position {i} saw future token {j}"
+            else:
+                assert diff > 1e-5, f"position {i} ignored past token {j}"
+    # and the noisy input at one position never leaks into another position
+    z2 = z.clone()
+    z2[0, 3] += 1.0
+    _, logits = block(window[:, :-1], z2, sigma)
+    changed_rows = (logits[0] - base[0]).abs().amax(-1) > 0
+    assert changed_rows.tolist() == [i == 3 for i in range(T)]
+
+
+def test_baseline_is_causal():
+    model = randomize(LlamaLM(CFG, V))
+    tokens = torch.randint(0, V, (1, 10))
+    base = model(tokens)
+    changed = tokens.clone()
+    changed[0, 6] = (changed[0, 6] + 1) % V
+    diff = (model(changed) - base).abs().amax(-1)[0]
+    assert (diff[:6] == 0).all() and (diff[6:] > 1e-5).all()
+
+
+def test_fresh_block_returns_c_skip_times_z():
+    torch.manual_seed(0)
+    block = DenoiserBlock(CFG, V, 2, 0.5).eval()
+    window = torch.randint(0, V, (3, 9))
+    z = torch.randn(3, 8, CFG.embed_dim)
+    sigma = torch.tensor([0.01, 0.5, 40.0])
+    D, logits = block(window[:, :-1], z, sigma)
+    c_skip = edm_precond(sigma, 0.5)[0].view(3, 1, 1)
+    torch.testing.assert_close(D, c_skip * z, rtol=0, atol=0)
+    assert torch.equal(logits, torch.zeros_like(logits))  # zero-init head: uniform prediction
+
+
+def test_block_cached_forward_equals_full_forward():
+    block = randomize(DenoiserBlock(CFG, V, 2, 0.5))
+    T = 7
+    window = torch.randint(0, V, (1, T + 1))
+    z = torch.randn(1, T, CFG.embed_dim)
+    sigma = torch.tensor([0.3])
+    _, full = block(window[:, :-1], z, sigma)
+    from dbscale.models.layers import KVCache
+
+    cache = KVCache()
+    for i in range(T):  # feed clean x_i one at a time along with the noisy query for position i+1
+        _, step = block(window[:, i : i + 1], z[:, i : i + 1], sigma, torch.tensor([i]), torch.tensor([i + 1]), cache)
+        torch.testing.assert_close(step[0, 0], full[0, i], rtol=1e-4, atol=1e-5)
+    assert len(cache) == T
+
+
+def chain_model(num_blocks=2, steps=None) -> DiffusionBlocksLM:
+    cfg = Config(model=CFG)
+    cfg.diffusion.num_blocks = num_blocks
+    cfg.diffusion.sample_steps = steps
+    model = DiffusionBlocksLM(cfg, V, frozen_target_embedding(V, CFG.embed_dim, 0))
+    for b, block in enumerate(model.blocks):
+        randomize(block, seed=b)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: randomize(LlamaLM(CFG, V)), lambda: chain_model(2), lambda: chain_model(2, 5)]
+)
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cached_generation_equals_uncached(make, temperature):
+    model = make()
+    prompt = [3, 14, 15, 9, 2]
+    kw = dict(max_new_tokens=12, temperature=temperature, top_p=0.9, seed=7)
+    cached = generate_ids(model, prompt, use_cache=True, **kw)
+    uncached = generate_ids(model, prompt, use_cache=False, **kw)
+    assert cached == uncached and len(cached) == 12
+
+
+def test_teacher_forced_chain_equals_sequential_chain():
+    """The batched teacher-forced evaluation and token-by-token generation are two implementations of one chain."""
+    model = chain_model(2)
+    window = torch.randint(0, V, (1, 9))
+    z = torch.cat([model.start_noise(0, p) for p in range(1, 9)], dim=1)
+    batched = model.teacher_forced_logits(window, z=z)
+    cache = model.new_cache()
+    for i in range(8):
+        logits = model.next_token_logits(cache, window[:, i : i + 1], seed=0)
+        torch.testing.assert_close(logits[0], batched[0, i], rtol=1e-4, atol=1e-4)
+
+
+def test_denoiser_loss_weighting():
+    block = randomize(DenoiserBlock(CFG, V, 1, 0.5))
+    E = frozen_target_embedding(V, CFG.embed_dim, 0)
+    window = torch.randint(0, V, (2, 6))
+    sigma, noise = torch.tensor([0.05, 2.0]), torch.randn(2, 5, CFG.embed_dim)
+    weighted, ce = denoiser_loss(block, window, E, sigma, noise, "edm", 0.5)
+    plain, ce2 = denoiser_loss(block, window, E, sigma, noise, "none", 0.5)
+    w = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    assert weighted.item() == pytest.approx((w * ce).mean().item(), rel=1e-5)
+    assert plain.item() == pytest.approx(ce.mean().item(), rel=1e-5) and torch.equal(ce, ce2)
+
+
+def test_target_embedding_is_seeded_and_unit_norm():
+    a, b = frozen_target_embedding(50, 16, 3), frozen_target_embedding(50, 16, 3)
+    assert torch.equal(a, b) and not torch.equal(a, frozen_target_embedding(50, 16, 4))
+    torch.testing.assert_close(a.norm(dim=-1), torch.ones(50))
+
+
+def test_explicit_layer_allocation_builds_uneven_blocks():
+    cfg = config_from_dict(
+        {
+            "model": {"n_layers": 4, "d_model": 32, "n_heads": 2},
+            "diffusion": {"num_blocks": 3, "layers_per_block": [1, 2, 1]},
+        }
+    )
+    model = DiffusionBlocksLM(cfg, V, frozen_target_embedding(V, 32, 0))
+    assert [len(b.layers) for b in model.blocks] == [1, 2, 1]
