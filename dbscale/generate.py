@@ -101,6 +101,36 @@ def heldout_metrics(model, windows: np.ndarray, batch_size: int = 8, seed: int =
     return {"ce": ce, "ppl": math.exp(min(ce, 50)), "accuracy": total_correct / total, "tokens": int(total)}
 
 
+@torch.no_grad()
+def chain_diagnostics(model, windows: np.ndarray, seed: int = 0) -> list[dict]:
+    """Per sampler step of a DiffusionBlocks chain: cross-entropy and accuracy of that step's logits when
+    the block is fed the chain's own state, next to the same block fed a correctly noised target
+    (y + sigma * eps). A gap shows where the chain's state leaves the distribution a block was trained on."""
+    from dbscale.diffusion.sampler import euler_step
+
+    device = next(model.parameters()).device
+    w = torch.from_numpy(windows).to(device)
+    context, targets = w[:, :-1], w[:, 1:]
+    B, T = context.shape
+    E = model.target_embedding
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    z = (torch.randn(B, T, E.shape[1], generator=g) * model.sigmas[0]).to(device)
+    rows = []
+    for k, (sigma, block) in enumerate(zip(model.sigmas, model.step_blocks, strict=True)):
+        s = torch.full((B,), sigma, device=device)
+        _, logits = model.blocks[block](context, z, s)
+        oracle_z = E[targets] + sigma * torch.randn(z.shape, generator=g).to(device)
+        _, oracle = model.blocks[block](context, oracle_z, s)
+        row = {"step": k, "block": block, "sigma": sigma}
+        for name, lg in (("chain", logits.float()), ("noised_target", oracle.float())):
+            row[f"{name}_ce"] = F.cross_entropy(lg.transpose(1, 2), targets).item()
+            row[f"{name}_accuracy"] = (lg.argmax(-1) == targets).float().mean().item()
+        rows.append(row)
+        if k + 1 < len(model.sigmas):
+            z = euler_step(z, logits.float().softmax(-1) @ E, sigma, model.sigmas[k + 1])
+    return rows
+
+
 def timed_generate(model, tokenizer, prompt: str, **kw) -> dict:
     """Generate from text; the prompt is preceded by EOS, the document separator seen in training."""
     ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]

@@ -196,6 +196,7 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
     """Create the run directory: tokenizer, shards, target embedding, manifest. Idempotent for the same
     config; refuses (and changes nothing) when the directory holds a run of another config."""
     from safetensors.torch import save_file
+    from tqdm import tqdm
 
     from dbscale.data.shards import token_dtype, write_shards
     from dbscale.data.sources import load_documents, split_documents
@@ -243,9 +244,11 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
         dtype = token_dtype(tok.vocab_size)
         data = {"dtype": dtype.name}
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
+            bar = tqdm(total=len(split_docs), desc=f"[prepare] tokenizing {split}", unit="doc", mininterval=2.0)
             batches = (tok.encode_batch(split_docs[i : i + 256]) for i in range(0, len(split_docs), 256))
-            ids = (doc for batch in batches for doc in batch)
+            ids = (bar.update(1) or doc for batch in batches for doc in batch)
             data[split] = write_shards(ids, tok.eos_id, staging / "data", split, cfg.data.shard_tokens, dtype)
+            bar.close()
         n_train = sum(r["tokens"] for r in data["train"])
         n_val = sum(r["tokens"] for r in data["val"])
         if n_val < cfg.model.seq_len + 1:

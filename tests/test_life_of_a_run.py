@@ -155,6 +155,8 @@ def test_checkpoint_from_another_run_is_refused(config_file, tmp_path):
     for r in (a, b):
         run([PY, "tools/prepare.py", "--config", str(config_file), "--run", str(r)])
     run([PY, "launchers/train_block.py", "--run", str(a), "--block", "0", "--set", "train.steps=3"])
+    p = run([PY, "tools/merge_blocks.py", "--run", str(a)], expect=2)
+    assert "block 0 is unfinished" in p.stderr and "step 3 of 6" in p.stderr and "--allow-unfinished" in p.stderr
     shutil.copytree(a / "blocks/0", b / "blocks/0")
     p = run([PY, "launchers/train_block.py", "--run", str(b), "--block", "0"], expect=2)
     assert "belongs to run" in p.stderr and "Traceback" not in p.stderr

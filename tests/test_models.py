@@ -166,3 +166,23 @@ def test_explicit_layer_allocation_builds_uneven_blocks():
     )
     model = DiffusionBlocksLM(cfg, V, frozen_target_embedding(V, 32, 0))
     assert [len(b.layers) for b in model.blocks] == [1, 2, 1]
+
+
+def test_chain_diagnostics_follow_the_chain():
+    """The diagnostics' chain column is the same chain as `teacher_forced_logits`: same start noise,
+    same final cross-entropy."""
+    import numpy as np
+
+    from dbscale.generate import chain_diagnostics, heldout_metrics
+
+    model = chain_model(2)
+    windows = np.random.default_rng(0).integers(0, V, size=(3, 9))
+    rows = chain_diagnostics(model, windows, seed=5)
+    assert [r["block"] for r in rows] == model.step_blocks and rows[0]["sigma"] == model.sigmas[0]
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(3, 8, CFG.embed_dim, generator=g) * model.sigmas[0]
+    final = model.teacher_forced_logits(torch.from_numpy(windows), z=z)
+    last = rows[-1]
+    ce = torch.nn.functional.cross_entropy(final.transpose(1, 2), torch.from_numpy(windows)[:, 1:]).item()
+    assert last["chain_ce"] == pytest.approx(ce, rel=1e-4)
+    assert 0 <= heldout_metrics(model, windows)["accuracy"] <= 1

@@ -29,11 +29,26 @@ def process_group():
     yield
 
 
-@pytest.mark.parametrize("block", [1, None], ids=["block", "e2e"])
-def test_deepspeed_trainer_matches_plain_torch(process_group, tiny_cfg, tmp_path, block):
+@pytest.mark.parametrize(
+    "block, zero_stage",
+    [(1, 2), (None, 2), (0, 3), (None, 1)],
+    ids=["block-zero2", "e2e-zero2", "block-zero3", "e2e-zero1"],
+)
+def test_deepspeed_trainer_matches_plain_torch(process_group, tiny_cfg, tmp_path, block, zero_stage):
+    """Losses per step match, and the merged (consolidated) checkpoint equals the reference weights."""
+    from dbscale.merge import _consolidate
     from dbscale.train.trainer import Trainer, _seed
 
-    cfg = tiny_cfg(train={"steps": 5, "save_every": 100, "val_every": 0, "grad_clip": 0.5, "weight_decay": 0.1})
+    cfg = tiny_cfg(
+        train={
+            "steps": 5,
+            "save_every": 100,
+            "val_every": 0,
+            "grad_clip": 0.5,
+            "weight_decay": 0.1,
+            "zero_stage": zero_stage,
+        }
+    )
     run = prepare_run(cfg, tmp_path / "run", log=lambda *a: None)
     trainer = Trainer(run, block, rank=0, world_size=1)
     trainer.train()
@@ -63,4 +78,10 @@ def test_deepspeed_trainer_matches_plain_torch(process_group, tiny_cfg, tmp_path
         sched.step()
         ref_losses.append(loss.item())
     assert ds_losses == pytest.approx(ref_losses, rel=2e-4, abs=1e-5)
+    merged, source = _consolidate(run, block, allow_unfinished=False)
+    assert source["step"] == 5
+    reference = model.state_dict()
+    assert merged.keys() == reference.keys()
+    for k, v in reference.items():
+        torch.testing.assert_close(merged[k], v, rtol=1e-4, atol=1e-5, msg=k)
     assert events[-1]["ce"] < events[0]["ce"]  # and it learns (plain CE: the weighted loss swings with sigma)

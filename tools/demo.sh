@@ -8,6 +8,7 @@ BIN=.venv/bin
 RUN=${RUN:-runs/demo}
 CONFIG=${CONFIG:-configs/llama_tiny.yaml}
 export PATH="$PWD/$BIN:$PATH" OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONWARNINGS=ignore
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || export DS_ACCELERATOR=cpu
 start=$(date +%s)
 stage() { printf '\n\033[1m== [%s] %s\033[0m  (%ss elapsed)\n' "$1" "$2" "$(( $(date +%s) - start ))"; }
 

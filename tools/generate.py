@@ -77,14 +77,9 @@ def main() -> int:
         if args.format == "jsonl":
             print(json.dumps(result), flush=True)
         else:
-            bar.write(
-                f"--- [{label}] {result['new_tokens']} tokens, {result['tokens_per_s']} tok/s\n"
-                f"{result['prompt']}\033[1m{result['completion']}\033[0m"
-                if sys.stdout.isatty()
-                else f"--- [{label}] {result['new_tokens']} tokens, {result['tokens_per_s']} tok/s\n"
-                f"{result['prompt']}{result['completion']}",
-                file=sys.stdout,
-            )
+            bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+            header = f"--- [{label}] {result['new_tokens']} tokens, {result['tokens_per_s']} tok/s"
+            bar.write(f"{header}\n{result['prompt']}{bold}{result['completion']}{plain}", file=sys.stdout)
     bar.close()
     if args.heldout:
         from dbscale.run import open_run
@@ -95,6 +90,11 @@ def main() -> int:
         windows = run.shards("val").fixed_windows(args.heldout_windows, run.config.model.seq_len + 1, seed=12345)
         metrics = heldout_metrics(model, windows)
         print(json.dumps({"model": label, "heldout": str(args.heldout), **metrics}), flush=True)
+        if manifest["kind"] == "blocks":
+            from dbscale.generate import chain_diagnostics
+
+            for row in chain_diagnostics(model, windows[: min(len(windows), 16)]):
+                print(json.dumps({"model": label, "chain_step": row}), flush=True)
     return 0
 
 

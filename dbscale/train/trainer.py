@@ -88,8 +88,10 @@ class Trainer:
         noise_seed = _seed(t.seed, self.job_id, step, self.rank, micro, 2 if not validation else 3)
         g = torch.Generator().manual_seed(noise_seed)
         sigma = sample_truncated_lognormal(len(windows), *self.interval, d.P_mean, d.P_std, generator=g)
-        noise = torch.randn(len(windows), length - 1, self.cfg.model.embed_dim, generator=g)
-        return window, sigma.float().to(self.device), noise.to(self.device)
+        g_dev = torch.Generator(device=self.device).manual_seed(noise_seed)  # noise is drawn where it is used
+        shape = (len(windows), length - 1, self.cfg.model.embed_dim)
+        noise = torch.randn(shape, generator=g_dev, device=self.device)
+        return window, sigma.float().to(self.device), noise
 
     def _loss(self, window, sigma, noise):
         if self.block is None:
