@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -131,6 +132,9 @@ class TrainConfig:
     zero_stage: int = _field(2, "DeepSpeed ZeRO stage inside a block job: 1, 2 or 3.")
     precision: str = _field("auto", "'auto' (bf16 on CUDA, fp32 on CPU), 'fp32' or 'bf16'.")
     activation_checkpointing: bool = _field(False, "Recompute each layer's activations in backward.")
+    max_nonfinite_steps: int = _field(
+        0, "Steps with a NaN/inf loss that are skipped (no update) before the job stops; 0 = stop at the first."
+    )
     log_every: int = _field(10, "Steps between metric lines (metrics.jsonl, TensorBoard, progress bar).")
     val_every: int = _field(500, "Steps between validation passes (0 = only at the end).")
     val_batches: int = _field(8, "Micro-batches per validation pass (fixed windows, fixed noise).")
@@ -272,6 +276,8 @@ def apply_overrides(data: dict, overrides: list[str], where: str = "--set") -> d
         data.setdefault(section, {})
         if data[section] is None:
             data[section] = {}
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"{where}: cannot set '{dotted}': section '{section}' is not a mapping in the config.")
         data[section][key] = value
     return data
 
@@ -302,6 +308,14 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     def fail(key: str, msg: str) -> None:
         raise ConfigError(f"{where}: {key}: {msg}")
 
+    for section_name in ("model", "diffusion", "data", "train"):
+        section = getattr(cfg, section_name)
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                fail(f"{section_name}.{f.name}", f"must be a finite number, got {value!r}.")
+
     for dotted, choices in _CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -309,9 +323,32 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             fail(dotted, f"'{value}' is not one of {list(choices)}.")
 
     m, d, t = cfg.model, cfg.diffusion, cfg.train
-    for key in ("n_layers", "d_model", "n_heads", "seq_len", "time_freq_dim", "ffn_multiple_of"):
-        if getattr(m, key) <= 0:
-            fail(f"model.{key}", f"must be positive, got {getattr(m, key)}.")
+    positive = {
+        "model": (
+            "n_layers",
+            "d_model",
+            "n_heads",
+            "seq_len",
+            "time_freq_dim",
+            "ffn_multiple_of",
+            "rope_theta",
+            "norm_eps",
+            "init_std",
+            "n_kv_heads",
+            "ffn_hidden",
+            "target_dim",
+        ),
+        "diffusion": ("sample_steps",),
+        "data": ("max_documents", "tokenizer_train_chars"),
+    }
+    for section, keys in positive.items():
+        for key in keys:
+            value = getattr(getattr(cfg, section), key)
+            if value is not None and value <= 0:
+                fail(f"{section}.{key}", f"must be positive, got {value}.")
+    for section, key in (("diffusion", "target_seed"), ("data", "seed"), ("train", "seed")):
+        if getattr(getattr(cfg, section), key) < 0:
+            fail(f"{section}.{key}", "must be >= 0.")
     if m.d_model % m.n_heads:
         fail("model.n_heads", f"d_model={m.d_model} is not divisible by n_heads={m.n_heads}.")
     if m.head_dim % 2:
@@ -374,6 +411,14 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         fail("train.min_lr_ratio", "must be in [0, 1].")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         fail("train.betas", f"must be two numbers in [0, 1), got {t.betas}.")
+    if t.max_nonfinite_steps < 0:
+        fail("train.max_nonfinite_steps", "must be >= 0.")
+    if t.max_nonfinite_steps and t.grad_accum > 1:
+        fail(
+            "train.max_nonfinite_steps",
+            "skipping a non-finite step needs train.grad_accum = 1 (a partly accumulated gradient cannot be "
+            "discarded); set max_nonfinite_steps: 0 to stop at the first non-finite loss instead.",
+        )
     if t.zero_stage not in (1, 2, 3):
         fail("train.zero_stage", f"must be 1, 2 or 3, got {t.zero_stage}.")
 

@@ -18,15 +18,8 @@ from pathlib import Path
 import torch
 
 from dbscale.errors import CheckpointError, RunError
-from dbscale.run import (
-    FORMAT_VERSION,
-    TOKENIZER,
-    Run,
-    atomic_write_json,
-    open_run,
-    read_json,
-    sha256_file,
-)
+from dbscale.files import atomic_write_json, read_json, sha256_file
+from dbscale.run import FORMAT_VERSION, TOKENIZER, Run, open_run
 from dbscale.train import checkpoint as ckpt
 
 MODEL_FILE = "model.safetensors"

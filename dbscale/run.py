@@ -23,7 +23,6 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -31,57 +30,13 @@ from dbscale import __version__
 from dbscale.config import Config, config_from_dict
 from dbscale.diffusion.partition import Partition
 from dbscale.errors import DataError, RunError
+from dbscale.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer/spm.model"
 TARGET_EMBEDDING = "target_embedding.safetensors"
-
-
-# --------------------------------------------------------------------------------------------------------
-# Files written whole or not at all.
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: str | Path, what: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise RunError(f"{path}: {what} missing.")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{path}: {what} is not valid JSON ({e}); the file is damaged.") from None
 
 
 def config_hash(cfg: Config) -> str:

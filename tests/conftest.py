@@ -59,3 +59,21 @@ def tiny_cfg(speeches):
         return config_from_dict(tiny_config_dict([str(p) for p in speeches[:12]], **sections))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """One in-process gloo group (no TCP port) so Trainer can run inside pytest, as DEEPSPEED_CPU.md shows."""
+    import sys
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend="gloo")
+    yield

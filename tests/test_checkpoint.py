@@ -1,6 +1,7 @@
 """Checkpoint verification without DeepSpeed: markers, hashes, fallback to the newest intact tag."""
 
 import pytest
+import torch
 
 from dbscale.errors import CheckpointError
 from dbscale.train import checkpoint as ckpt
@@ -11,8 +12,8 @@ RUN = "run-a"
 def fake_tag(job_dir, step, run_id=RUN, block=0, marker=True):
     tag = ckpt.tag_for(step)
     (job_dir / tag).mkdir(parents=True)
-    (job_dir / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights" * 100 + bytes([step]))
-    (job_dir / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"optim" * 50)
+    torch.save({"module": {"w": torch.full((64,), float(step))}}, job_dir / tag / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {"step": step}}, job_dir / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     if marker:
         files = ckpt.hash_files(ckpt.rank_files(job_dir / tag, 0) + ckpt.rank_files(job_dir / tag, 1))
         ckpt.write_marker(job_dir, tag, {"run_id": run_id, "block": block, "step": step}, files)
@@ -42,7 +43,7 @@ def test_damaged_newest_falls_back_with_a_warning(tmp_path, damage):
         f.write_bytes(f.read_bytes()[:-20])
     elif damage == "flip":
         data = bytearray(f.read_bytes())
-        data[3] ^= 0xFF
+        data[len(data) // 2] ^= 0xFF
         f.write_bytes(bytes(data))
     elif damage == "delete":
         f.unlink()
@@ -72,3 +73,37 @@ def test_prune_keeps_the_newest(tmp_path):
         fake_tag(tmp_path, step)
     ckpt.prune(tmp_path, keep=2)
     assert ckpt.list_tags(tmp_path) == ["global_step12", "global_step9"]
+
+
+class Payload:
+    """Unpickling this calls os.system: what a malicious checkpoint would do."""
+
+    def __init__(self, marker_path):
+        self.marker_path = str(marker_path)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker_path}",))
+
+
+def test_malicious_pickle_with_a_forged_marker_is_refused_unloaded(tmp_path):
+    """An attacker who can write the run directory can also forge the marker's hashes; the pickle screen
+    still refuses the file, and the payload never runs."""
+    fake_tag(tmp_path, 5)
+    tag = fake_tag(tmp_path, 10)
+    ran = tmp_path / "payload-ran"
+    torch.save({"module": Payload(ran)}, tag / "mp_rank_00_model_states.pt")
+    files = ckpt.hash_files(ckpt.rank_files(tag, 0) + ckpt.rank_files(tag, 1))
+    ckpt.write_marker(tmp_path, tag.name, {"run_id": RUN, "block": 0, "step": 10}, files)
+    with pytest.raises(CheckpointError, match=r"refused: the file would call \['posix.system'\]"):
+        ckpt.find_resumable(tmp_path, RUN, 0)
+    assert not ran.exists()
+
+
+def test_real_deepspeed_globals_are_allowed(tmp_path):
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"zero_stage": ZeroStageEnum.gradients, "state": torch.zeros(2)}, path)
+    ckpt.screen_pickle(path)  # does not raise

@@ -1,8 +1,6 @@
 """The DeepSpeed trainer against a second implementation: a plain PyTorch AdamW loop with the same
 initialisation, batches, schedule and clipping must produce the same losses (ZeRO-2, one process)."""
 
-import os
-
 import pytest
 import torch
 
@@ -10,23 +8,6 @@ from dbscale.models.llama import DenoiserBlock, LlamaLM, denoiser_loss, lm_loss
 from dbscale.run import prepare_run
 from dbscale.train.deepspeed_config import lr_lambda
 from dbscale.train.metrics import read_metrics
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import sys
-
-        import deepspeed
-
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        deepspeed.init_distributed(dist_backend="gloo")
-    yield
 
 
 @pytest.mark.parametrize(

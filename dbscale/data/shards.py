@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from dbscale.errors import DataError
+from dbscale.files import sha256_file
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -56,7 +57,7 @@ def write_shards(token_lists, eos_id: int, out_dir: Path, split: str, shard_toke
 class TokenShards:
     """Read-only view of one split's shards."""
 
-    def __init__(self, data_dir: Path, records: list[dict], dtype: str, split: str):
+    def __init__(self, data_dir: Path, records: list[dict], dtype: str, split: str, verify: bool = True):
         self.split = split
         self.arrays = []
         for rec in records:
@@ -68,6 +69,11 @@ class TokenShards:
                 raise DataError(
                     f"{path}: shard is {path.stat().st_size} bytes, the manifest says {expected} (truncated or "
                     "replaced). Fix: re-create the run with tools/prepare.py."
+                )
+            if verify and sha256_file(path) != rec["sha256"]:
+                raise DataError(
+                    f"{path}: sha256 differs from the run manifest (the shard was modified or corrupted). "
+                    "Fix: re-create the run with tools/prepare.py."
                 )
             self.arrays.append(np.memmap(path, dtype=dtype, mode="r"))
         self.sizes = np.array([a.size for a in self.arrays], dtype=np.int64)

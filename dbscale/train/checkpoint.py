@@ -5,8 +5,9 @@ A job directory holds `global_stepN/` tags written by `engine.save_checkpoint`, 
   world size, ZeRO stage and the size and sha256 of every file in the tag. A tag without it is unfinished.
 - `latest`: the newest complete tag, moved (atomically) only after its marker exists.
 
-Loading checks the marker, the run id and every file's size and hash before DeepSpeed unpickles anything,
-so only files this run wrote and hashed are ever loaded; a damaged newest tag falls back to the previous one.
+Loading checks the marker, the run id, every file's size and hash, and screens every pickle for globals
+outside torch's weights_only allowlist (plus three DeepSpeed data classes) before DeepSpeed unpickles
+anything; a damaged newest tag falls back to the previous one, a malicious or foreign one stops the job.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dbscale.errors import CheckpointError
-from dbscale.run import atomic_write_json, atomic_write_text, read_json, sha256_file
+from dbscale.files import atomic_write_json, atomic_write_text, read_json, sha256_file
 
 MARKER = "dbscale.json"
 LATEST = "latest"
@@ -95,7 +96,39 @@ def verify_tag(job_dir: Path, tag: str, run_id: str | None = None, block=None) -
             raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {rec['bytes']} (truncated or replaced).")
         if sha256_file(f) != rec["sha256"]:
             raise CheckpointError(f"{f}: sha256 mismatch (the file was modified or corrupted).")
+    for name in marker["files"]:
+        if name.endswith(".pt"):
+            screen_pickle(tag_dir / name)
     return CheckpointInfo(tag, marker["step"], marker, tag_dir)
+
+
+# Classes a DeepSpeed checkpoint pickles beyond what torch's weights_only loader allows by default. They are
+# plain data holders; no other global (os.system, builtins.eval, ...) may appear in a checkpoint.
+DEEPSPEED_SAFE_GLOBALS = frozenset(
+    {
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+    }
+)
+
+
+def screen_pickle(path: Path) -> None:
+    """Refuse a torch checkpoint file whose pickle names any global outside torch's weights_only allowlist
+    and DEEPSPEED_SAFE_GLOBALS. Scans the opcodes; nothing is unpickled, so nothing can run."""
+    import torch
+
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e}).") from None
+    forbidden = sorted(set(unsafe) - DEEPSPEED_SAFE_GLOBALS)
+    if forbidden:
+        raise CheckpointError(
+            f"{path}: refused: the file would call {forbidden} when loaded, which a checkpoint never needs "
+            "(it may be malicious). Nothing was loaded. Fix: delete it and use a checkpoint this run wrote."
+        )
 
 
 def list_tags(job_dir: Path) -> list[str]:
@@ -117,8 +150,8 @@ def find_resumable(job_dir: Path, run_id: str, block) -> CheckpointInfo | None:
         try:
             info = verify_tag(job_dir, tag, run_id, block)
         except CheckpointError as e:
-            if "belongs to run" in str(e) or "is of block" in str(e):
-                raise
+            if "belongs to run" in str(e) or "is of block" in str(e) or "refused:" in str(e):
+                raise  # never fall back silently past a foreign or malicious checkpoint
             problems.append(str(e))
             continue
         for p in problems:

@@ -60,7 +60,10 @@ def main(argv: list[str], kind: str) -> int:
         from dbscale.train.trainer import Trainer
 
         trainer = Trainer(run, args.block if kind == "block" else None, rank, world)
-        result = trainer.train()
+        try:
+            result = trainer.train()
+        finally:
+            trainer.close()
         if rank == 0:
             print(json.dumps({"job": trainer.job, **result}), flush=True)
     except DbscaleError as e:

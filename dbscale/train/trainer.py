@@ -23,6 +23,7 @@ from dbscale.models.llama import DenoiserBlock, LlamaLM, denoiser_loss, lm_loss
 from dbscale.run import Run
 from dbscale.train import checkpoint as ckpt
 from dbscale.train.deepspeed_config import deepspeed_config, lr_lambda
+from dbscale.train.lock import JobLock
 from dbscale.train.metrics import MetricsLogger, peak_memory_bytes
 
 
@@ -45,6 +46,8 @@ class Trainer:
         self.job = f"block {block}" if block is not None else "e2e"
         self.job_dir = run.job_dir(block)
         self.job_id = 0 if block is None else block + 1
+        self.lock = JobLock(self.job_dir, f"{self.job} of {run.root}")
+        self._on_rank0_then_all(self.lock.acquire)
 
         torch.manual_seed(_seed(cfg.train.seed, self.job_id, 17))  # same init on every rank
         if block is None:
@@ -70,6 +73,22 @@ class Trainer:
         self.val_shards = run.shards("val")
         self.logger = MetricsLogger(self.job_dir, enabled=rank == 0)
         self.stop_requested = False
+
+    def _on_rank0_then_all(self, fn) -> None:
+        """Run fn on rank 0; if it raises a DbscaleError, raise the same error on every rank (no rank hangs)."""
+        error = [None]
+        if self.rank == 0:
+            try:
+                fn()
+            except DbscaleError as e:
+                error = [(type(e).__name__, str(e))]
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            kind, message = error[0]
+            raise {"RunError": RunError, "CheckpointError": CheckpointError}.get(kind, DbscaleError)(message)
+
+    def close(self) -> None:
+        self.lock.release()
 
     # ---------------------------------------------------------------------------------------------------
     def _batch(self, step: int, micro: int, validation: bool = False):
@@ -134,24 +153,56 @@ class Trainer:
         }
 
     def save(self, step: int) -> None:
+        """Write a checkpoint and publish it (marker, then `latest`). If writing fails on any rank (a full
+        disk, a quota), the partial tag is removed, `latest` still names the previous checkpoint, and the
+        job stops with a CheckpointError."""
         tag = ckpt.tag_for(step)
         tag_dir = self.job_dir / tag
         if self.rank == 0 and tag_dir.exists():  # a damaged or unfinished tag at this step: replace it
             shutil.rmtree(tag_dir)
         dist.barrier()
-        self.engine.save_checkpoint(str(self.job_dir), tag=tag, client_state=self._identity(step), save_latest=False)
-        dist.barrier()
-        mine = ckpt.hash_files(ckpt.rank_files(tag_dir, self.rank))
+        failure = None
+        try:
+            self.engine.save_checkpoint(
+                str(self.job_dir), tag=tag, client_state=self._identity(step), save_latest=False
+            )
+            files = ckpt.hash_files(ckpt.rank_files(tag_dir, self.rank))
+        except OSError as e:
+            failure, files = e, {}
         gathered = [None] * self.world
-        dist.all_gather_object(gathered, mine)
+        dist.all_gather_object(gathered, (str(failure) if failure else None, files))
+        failures = [f for f, _ in gathered if f]
+        if self.rank == 0 and not failures:
+            try:
+                merged = {k: v for _, part in gathered for k, v in part.items()}
+                ckpt.write_marker(self.job_dir, tag, self._identity(step), merged)
+                ckpt.write_latest(self.job_dir, tag)
+                ckpt.fsync_dir(self.job_dir)
+            except OSError as e:
+                failures.append(str(e))
+                (tag_dir / ckpt.MARKER).unlink(missing_ok=True)
+        failures = [f for f in self._gather_failures(failures) if f]
+        if failures:
+            if self.rank == 0:
+                shutil.rmtree(tag_dir, ignore_errors=True)
+                self.logger.log("checkpoint_failed", step, tag=tag, error=failures[0])
+            previous = (
+                (self.job_dir / ckpt.LATEST).read_text().strip() if (self.job_dir / ckpt.LATEST).is_file() else None
+            )
+            raise CheckpointError(
+                f"{tag_dir}: could not write the checkpoint ({failures[0]}). The previous checkpoint "
+                f"({previous or 'none'}) is intact and the job stops here. Fix: free disk space, then rerun the "
+                "same command to resume."
+            )
         if self.rank == 0:
-            files = {k: v for part in gathered for k, v in part.items()}
-            ckpt.write_marker(self.job_dir, tag, self._identity(step), files)
-            ckpt.write_latest(self.job_dir, tag)
-            ckpt.fsync_dir(self.job_dir)
             ckpt.prune(self.job_dir, self.cfg.train.keep_checkpoints)
             self.logger.log("checkpoint", step, tag=tag)
         dist.barrier()
+
+    def _gather_failures(self, failures: list[str]) -> list[str]:
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, failures)
+        return [f for part in everyone for f in part]
 
     def resume(self) -> int:
         """Load the newest intact checkpoint of this job; returns the step to continue from (0 if none)."""
@@ -214,8 +265,11 @@ class Trainer:
             mininterval=1.0,
             dynamic_ncols=True,
         )
-        kill_after = int(os.environ.get("DBSCALE_TEST_KILL_AFTER_STEP", "-1"))  # fault-injection hook (tests)
+        # fault-injection hooks for the tests: a real SIGKILL / SIGINT after a given step
+        kill_after = int(os.environ.get("DBSCALE_TEST_KILL_AFTER_STEP", "-1"))
+        interrupt_after = int(os.environ.get("DBSCALE_TEST_INTERRUPT_AFTER_STEP", "-1"))
         last_val: dict = {}
+        nonfinite = 0
         step = start
         window_t0, window_steps = time.time(), 0
         self.engine.train()
@@ -225,12 +279,18 @@ class Trainer:
             for micro in range(t.grad_accum):
                 window, sigma, noise = self._batch(step, micro)
                 loss, ce = self._loss(window, sigma, noise)
-                if self._agree(not torch.isfinite(loss).item()):
-                    self.logger.log("nonfinite", step, job=self.job)
-                    raise TrainingError(
-                        f"{self.job}: non-finite loss at step {step + 1}; the weights were not updated and the "
-                        f"last checkpoint in {self.job_dir} is intact. Fix: lower train.lr or check the data."
-                    )
+                if self._agree(not torch.isfinite(loss).item()):  # before backward: the weights stay as they are
+                    nonfinite += 1
+                    self.logger.log("nonfinite", step + 1, job=self.job, count=nonfinite, loss=str(loss.item()))
+                    if nonfinite > t.max_nonfinite_steps:
+                        raise TrainingError(
+                            f"{self.job}: non-finite loss ({loss.item()}) at step {step + 1} (the "
+                            f"{nonfinite}th; train.max_nonfinite_steps={t.max_nonfinite_steps}). The weights were "
+                            f"not updated and the last checkpoint in {self.job_dir} is intact. Fix: lower train.lr, "
+                            "check the data, or allow skipping with train.max_nonfinite_steps."
+                        )
+                    bar.write(f"[{self.job}] step {step + 1}: non-finite loss, step skipped ({nonfinite} so far)")
+                    break
                 self.engine.backward(loss)
                 self.engine.step()
                 losses.append(loss.item())
@@ -240,18 +300,19 @@ class Trainer:
             bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
                 elapsed = time.time() - window_t0
-                record = {
-                    "loss": float(np.mean(losses)),
-                    "ce": float(np.mean(ces)),
+                record = {  # a skipped (non-finite) step has no loss to report
+                    "loss": float(np.mean(losses)) if losses else None,
+                    "ce": float(np.mean(ces)) if ces else None,
                     "lr": self.scheduler.get_last_lr()[0],
                     "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
                     "step_time_s": time.time() - step_t0,
                     "peak_mem_bytes": peak_memory_bytes(),
                 }
                 self.logger.log("train", step, **record)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.4g}", ce=f"{record['ce']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
-                )
+                if losses:
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.4g}", ce=f"{record['ce']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
+                    )
                 window_t0, window_steps = time.time(), 0
             if (t.val_every and step % t.val_every == 0) or step == t.steps:
                 last_val = self.validate(step)
@@ -263,6 +324,8 @@ class Trainer:
                 self.save(step)
             if step == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if step == interrupt_after:
+                os.kill(os.getpid(), signal.SIGINT)  # delivered to _handle_signal; acted on after the next step
             if stop:
                 self.logger.log("stopped", step, reason="signal")
                 bar.write(f"[{self.job}] stopped by signal at step {step}; checkpoint saved, rerun to resume.")
@@ -272,4 +335,5 @@ class Trainer:
             last_val = self.validate(step)
         self.logger.log("end", step, **last_val)
         self.logger.close()
+        self.close()
         return {"step": step, **last_val}
