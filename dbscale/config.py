@@ -111,6 +111,9 @@ class DataConfig:
     max_documents: int | None = _field(None, "Use at most this many documents (null = all).")
     val_fraction: float = _field(0.05, "Fraction of documents held out for validation (split by document).")
     vocab_size: int = _field(32000, "Sentencepiece vocabulary size (Llama-2: 32000).")
+    tokenizer_model: str | None = _field(
+        None, "Use this existing sentencepiece .model (e.g. an HF Llama's tokenizer.model) instead of training one."
+    )
     tokenizer_type: str = _field("bpe", "Sentencepiece model type: 'bpe' or 'unigram'.")
     tokenizer_train_chars: int = _field(20_000_000, "Characters of training text used to fit the tokenizer.")
     shard_tokens: int = _field(100_000_000, "Tokens per memmap shard.")
@@ -200,7 +203,12 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
             return value
         raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}.")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (isinstance(value, float) and not math.isfinite(value))
+            or int(value) != value
+        ):
             raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}.")
         return int(value)
     if tp is float:

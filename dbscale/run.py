@@ -188,12 +188,24 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
             f"{len(train_docs)} train / {len(val_docs)} validation"
         )
 
-        log(f"[prepare] training a sentencepiece {cfg.data.tokenizer_type} tokenizer, vocab {cfg.data.vocab_size} ...")
-        model_bytes = train_sentencepiece(
-            train_docs, cfg.data.vocab_size, cfg.data.tokenizer_type, cfg.data.tokenizer_train_chars
-        )
-        atomic_write_bytes(staging / TOKENIZER, model_bytes)
+        if cfg.data.tokenizer_model:
+            source = Path(cfg.data.tokenizer_model)
+            if not source.is_file():
+                raise DataError(f"data.tokenizer_model: {source} does not exist.")
+            log(f"[prepare] using the tokenizer {source}")
+            atomic_write_bytes(staging / TOKENIZER, source.read_bytes())
+        else:
+            log(f"[prepare] training a {cfg.data.tokenizer_type} tokenizer, vocab {cfg.data.vocab_size} ...")
+            model_bytes = train_sentencepiece(
+                train_docs, cfg.data.vocab_size, cfg.data.tokenizer_type, cfg.data.tokenizer_train_chars
+            )
+            atomic_write_bytes(staging / TOKENIZER, model_bytes)
         tok = Tokenizer(staging / TOKENIZER)
+        if tok.vocab_size != cfg.data.vocab_size:
+            raise DataError(
+                f"data.vocab_size={cfg.data.vocab_size}, but the tokenizer has {tok.vocab_size} pieces. "
+                f"Fix: set data.vocab_size: {tok.vocab_size}."
+            )
 
         log("[prepare] tokenizing into memmap shards ...")
         dtype = token_dtype(tok.vocab_size)

@@ -76,6 +76,7 @@ def format_table(rows: list[dict]) -> str:
             f"{r['job']:8} {iv:>17} {r['state']:>18} {str(r['step']) + '/' + str(r['steps']):>11} "
             f"{fmt(r['loss'], '9.4g')} {fmt(r['val_loss'], '9.4g')} {fmt(r['val_ce'], '7.3f')} "
             f"{fmt(r['tokens_per_s'], '7.0f')} {fmt(r['peak_mem_bytes'] and r['peak_mem_bytes'] / 2**20, '8.0f')} "
-            f"{fmt(r['params'] and r['params'] / 1e6, '7.2f')}M {fmt(r['wall_s'], '7.1f')}  {r['checkpoint'] or '-'}"
+            f"{'-' if r['params'] is None else format(r['params'] / 1e6, '7.2f') + 'M':>8} "
+            f"{fmt(r['wall_s'], '7.1f')}  {r['checkpoint'] or '-'}"
         )
     return "\n".join(lines)

@@ -13,6 +13,14 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Property tests run derandomized (the same examples every run: CI must not flake); hunt for new failures
+# with HYPOTHESIS_PROFILE=explore.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", max_examples=3000, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 
 @pytest.fixture(scope="session")
 def speeches() -> list[Path]:

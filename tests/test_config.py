@@ -45,6 +45,8 @@ def errors_for(data: dict, *overrides) -> str:
         ({"train": {"learning_rate": 1}}, [], ["section 'train'", "'learning_rate'"]),
         ({"train": {"lr": "fast"}}, [], ["train.lr", "must be a number"]),
         ({"train": {"steps": 1.5}}, [], ["train.steps", "integer"]),
+        ({"model": {"n_layers": float("inf")}}, [], ["model.n_layers", "integer"]),  # found by the fuzzer
+        ({"train": {"lr": float("nan")}}, [], ["train.lr", "finite"]),
         (
             {"model": {"n_layers": 10}, "diffusion": {"num_blocks": 4}},
             [],

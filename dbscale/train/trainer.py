@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from dbscale.diffusion.noise import sample_truncated_lognormal
 from dbscale.errors import CheckpointError, DbscaleError, RunError
+from dbscale.hf import load_init_weights
 from dbscale.models.llama import DenoiserBlock, LlamaLM, denoiser_loss, lm_loss
 from dbscale.run import Run
 from dbscale.train import checkpoint as ckpt
@@ -57,6 +58,10 @@ class Trainer:
             model = DenoiserBlock(cfg.model, run.vocab_size, n_layers, cfg.diffusion.sigma_data)
             self.interval = tuple(run.manifest["partition"]["train_intervals"][block])
         model.activation_checkpointing = cfg.train.activation_checkpointing
+        init = load_init_weights(run, block)  # imported weights (tools/import_hf.py); a checkpoint overrides them
+        if init is not None:
+            model.load_state_dict(init, strict=True)
+        self.initialised_from = "init" if init is not None else "random"
         self.num_params = sum(p.numel() for p in model.parameters())
 
         ds_config = deepspeed_config(cfg.train, world_size)
@@ -255,6 +260,7 @@ class Trainer:
             zero_stage=t.zero_stage,
             tokens_per_step=tokens_per_step,
             device=str(self.device),
+            initialised_from=self.initialised_from if start == 0 else "checkpoint",
         )
         bar = tqdm(
             total=t.steps,
