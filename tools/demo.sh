@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The dbscale demo: the whole life of a DiffusionBlocks run on the bundled speeches, on this machine.
-# prepare -> 4 block jobs (each its own DeepSpeed job) -> the end-to-end baseline -> merge -> sample.
+# prepare -> 4 block jobs (each its own DeepSpeed job) -> the end-to-end baseline -> merge -> sample
+# -> evaluate (MAUVE with offline MiniLM features) -> report (R/report/index.html).
 # Rerunning resumes: finished jobs are skipped by their own checkpoints, nothing is redone or lost.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" |
 start=$(date +%s)
 stage() { printf '\n\033[1m== [%s] %s\033[0m  (%ss elapsed)\n' "$1" "$2" "$(( $(date +%s) - start ))"; }
 
-stage 1/6 "prepare $RUN from $CONFIG: tokenizer, shards, frozen target embedding, manifest"
+stage 1/7 "prepare $RUN from $CONFIG: tokenizer, shards, frozen target embedding, manifest"
 python tools/prepare.py --config "$CONFIG" --run "$RUN"
 python tools/prepare.py --config "$CONFIG" --dry-run | python -c "
 import json, sys; d = json.load(sys.stdin); p = d['partition']
@@ -22,24 +23,29 @@ for b, (iv, tr) in enumerate(zip(p['block_intervals'], p['train_intervals'])):
 
 B=$(python -c "from dbscale.run import open_run; print(open_run('$RUN').num_blocks)")
 for ((b = 0; b < B; b++)); do
-  stage 2/6 "train block $b of $B as its own DeepSpeed job (no gradient or activation crosses blocks)"
+  stage 2/7 "train block $b of $B as its own DeepSpeed job (no gradient or activation crosses blocks)"
   deepspeed --num_gpus 1 --master_port $((29500 + b)) launchers/train_block.py --run "$RUN" --block "$b"
 done
 
-stage 3/6 "train the end-to-end baseline (same layers, same data, same number of steps)"
+stage 3/7 "train the end-to-end baseline (same layers, same data, same number of steps)"
 deepspeed --num_gpus 1 --master_port 29510 launchers/train_e2e.py --run "$RUN"
 
-stage 4/6 "merge: consolidate each DeepSpeed checkpoint into one safetensors model"
+stage 4/7 "merge: consolidate each DeepSpeed checkpoint into one safetensors model"
 python tools/merge_blocks.py --run "$RUN"
 python tools/merge_blocks.py --run "$RUN" --e2e
 
-stage 5/6 "sample (greedy, as in the paper) and score held-out text with both models"
+stage 5/7 "sample (greedy, as in the paper) and score held-out text with both models"
 for model in "$RUN/merged" "$RUN/e2e/merged"; do
   python tools/generate.py --model "$model" --max-new-tokens 40 \
     --prompt "The state of the Union" --prompt "Our economy" --prompt "I propose" \
     --heldout "$RUN" --heldout-windows 32
 done
 
-stage 6/6 "summary"
+stage 6/7 "evaluate both on the same held-out prompts: MAUVE (MiniLM features), generative perplexity, held-out CE"
+python tools/evaluate.py --model "$RUN/merged" --compare "$RUN/e2e/merged" --data "$RUN" --num-prompts 32 \
+  --out "$RUN/report/eval.json" > /dev/null
+
+stage 7/7 "report and summary"
+python tools/report.py --run "$RUN"
 python tools/status.py --run "$RUN"
-echo "demo finished in $(( $(date +%s) - start ))s. Run directory: $RUN (TensorBoard: tensorboard --logdir $RUN)"
+echo "demo finished in $(( $(date +%s) - start ))s. Report: $RUN/report/index.html; TensorBoard: tensorboard --logdir $RUN"

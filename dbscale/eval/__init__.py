@@ -1,0 +1,1 @@
+"""Evaluation: text featurizers, MAUVE, generative perplexity, held-out likelihood."""
