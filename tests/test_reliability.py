@@ -125,6 +125,15 @@ def test_a_second_job_on_the_same_block_is_refused(process_group, small_run):
     with pytest.raises(RunError, match="if it died on another machine, delete"):
         Trainer(run, 0, 0, 1)
 
+    lock.unlink()  # a job that fails while starting releases its lock at once
+    shard = run.root / "data" / run.manifest["data"]["train"][0]["file"]
+    content = shard.read_bytes()
+    shard.write_bytes(b"")
+    with pytest.raises(DataError, match="shard is 0 bytes"):
+        Trainer(run, 0, 0, 1)
+    assert not lock.exists()
+    shard.write_bytes(content)
+
     dead = subprocess.Popen(["true"])
     dead.wait()
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": "earlier"}))

@@ -41,7 +41,7 @@ class Trainer:
         import deepspeed
 
         self.run, self.block, self.rank, self.world = run, block, rank, world_size
-        cfg = self.cfg = run.config
+        self.cfg = run.config
         if block is not None and not 0 <= block < run.num_blocks:
             raise RunError(f"--block {block}: this run has blocks 0..{run.num_blocks - 1} (diffusion.num_blocks).")
         self.job = f"block {block}" if block is not None else "e2e"
@@ -49,7 +49,14 @@ class Trainer:
         self.job_id = 0 if block is None else block + 1
         self.lock = JobLock(self.job_dir, f"{self.job} of {run.root}")
         self._on_rank0_then_all(self.lock.acquire)
+        try:
+            self._build(deepspeed)
+        except BaseException:
+            self.lock.release()  # a job that never started must not leave its directory locked
+            raise
 
+    def _build(self, deepspeed) -> None:
+        run, block, cfg, world_size, rank = self.run, self.block, self.cfg, self.world, self.rank
         torch.manual_seed(_seed(cfg.train.seed, self.job_id, 17))  # same init on every rank
         if block is None:
             model = LlamaLM(cfg.model, run.vocab_size)
