@@ -29,8 +29,9 @@ def sh(*args: str) -> None:
 
 
 def step_time(run: Path, job: str) -> float:
-    events = [json.loads(x) for x in (run / job / "metrics.jsonl").read_text().splitlines()]
-    times = sorted(e["step_time_s"] for e in events if e["event"] == "train")
+    from dbscale.train.metrics import read_metrics
+
+    times = sorted(e["step_time_s"] for e in read_metrics(run / job / "metrics.jsonl") if e["event"] == "train")
     return times[len(times) // 2]
 
 
