@@ -1,0 +1,108 @@
+"""Start a run's block jobs: one `deepspeed` launcher per block, each on its own hosts and port.
+
+    python launchers/launch_blocks.py --run runs/X --hostfile hosts --dry-run     # print the commands
+    python launchers/launch_blocks.py --run runs/X --hostfile hosts               # all blocks at once, one node each
+    python launchers/launch_blocks.py --run runs/X --hostfile hosts --nodes-per-block 2 --blocks 0,2
+    python launchers/launch_blocks.py --run runs/X --local [--concurrent] [--e2e] # this machine
+
+Each block writes R/blocks/b/hostfile and R/blocks/b/launch.log; progress is streamed with a [block b]
+prefix; the end is a table of every job's state, step, last loss and checkpoint. A block that is restarted
+resumes from its own checkpoint and never touches another block's files.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from dbscale.errors import RunError, cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--hostfile", help="DeepSpeed hostfile ('host slots=N' per line)")
+    where.add_argument("--local", action="store_true", help="run the jobs on this machine")
+    p.add_argument("--blocks", help="comma-separated blocks to (re)start (default: all)")
+    p.add_argument("--e2e", action="store_true", help="also start the end-to-end baseline")
+    p.add_argument("--nodes-per-block", type=int, help="hosts per block (default: hosts // jobs)")
+    p.add_argument("--num-gpus", type=int, help="with --local: processes per job (deepspeed --num_gpus)")
+    p.add_argument("--concurrent", action="store_true", help="with --local: start all jobs at once")
+    p.add_argument("--master-port-base", type=int, default=29600, help="job i uses this port + i")
+    p.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE", help="passed to every job")
+    p.add_argument("--dry-run", action="store_true", help="print the commands (and host groups) and exit")
+    p.add_argument("--json", action="store_true", help="with --dry-run: one JSON object per job")
+    args = p.parse_args()
+
+    from dbscale.launch import execute, plan
+    from dbscale.run import open_run
+    from dbscale.status import format_table, job_status
+
+    run = open_run(args.run)
+    B = run.num_blocks
+    if args.blocks:
+        try:
+            blocks = sorted({int(b) for b in args.blocks.split(",")})
+        except ValueError:
+            raise RunError(f"--blocks {args.blocks}: expected comma-separated integers like 0,2.") from None
+        bad = [b for b in blocks if not 0 <= b < B]
+        if bad:
+            raise RunError(f"--blocks: {bad} not in 0..{B - 1} (this run has {B} blocks).")
+    else:
+        blocks = list(range(B))
+    extra = [x for item in args.set for x in ("--set", item)]
+    launches = plan(
+        run,
+        blocks,
+        args.hostfile,
+        args.nodes_per_block,
+        args.master_port_base,
+        args.num_gpus,
+        e2e=args.e2e,
+        extra=extra,
+    )
+    if args.dry_run:
+        for launch in launches:
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "job": launch.name,
+                            "hosts": launch.hosts,
+                            "port": launch.port,
+                            "hostfile": str(launch.hostfile) if launch.hostfile else None,
+                            "command": launch.command,
+                        }
+                    )
+                )
+            else:
+                print(f"# {launch.name}: hosts {','.join(launch.hosts)}, port {launch.port}, log {launch.log}")
+                print(" ".join(launch.command))
+        return 0
+    env = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")}
+    if args.local and not args.num_gpus:
+        env.setdefault(
+            "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (len(launches) if args.concurrent else 1)))
+        )
+    codes = execute(launches, concurrent=bool(args.hostfile) or args.concurrent, cwd=ROOT, env=env)
+    rows = [job_status(run, launch.block) for launch in launches]
+    for row, launch in zip(rows, launches, strict=True):
+        row["exit"] = codes[launch.name]
+        if codes[launch.name] != 0:
+            row["state"] = f"failed ({codes[launch.name]})"
+    print(format_table(rows))
+    failed = [name for name, code in codes.items() if code != 0]
+    if failed:
+        print(
+            f"failed: {', '.join(failed)}; see their launch.log. Rerun with --blocks to restart them.", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,106 @@
+"""launch_blocks.py: host assignment, the exact commands of a dry run, and a real local fan-out."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import ROOT, tiny_config_dict
+
+from dbscale.errors import RunError
+from dbscale.launch import assign_hosts, read_hostfile
+
+
+def test_hostfile_parsing_and_errors(tmp_path):
+    h = tmp_path / "hosts"
+    h.write_text("# cluster\nnode1 slots=8\nnode2 slots=4  # half node\n\nnode3\n")
+    assert read_hostfile(h) == [("node1", 8), ("node2", 4), ("node3", 1)]
+    h.write_text("node1 slots=eight\n")
+    with pytest.raises(RunError, match=r"hosts:1: 'node1 slots=eight' is not 'HOST slots=N'"):
+        read_hostfile(h)
+    h.write_text("node1\nnode1\n")
+    with pytest.raises(RunError, match="listed twice"):
+        read_hostfile(h)
+
+
+def test_assignment_is_disjoint_and_refuses_too_few_hosts():
+    hosts = [(f"n{i}", 8) for i in range(6)]
+    groups = assign_hosts(hosts, [0, 1, 2], 2, "hosts")
+    assert groups == {0: hosts[0:2], 1: hosts[2:4], 2: hosts[4:6]}
+    with pytest.raises(RunError, match="need 8 hosts, the hostfile has 6.*--blocks"):
+        assign_hosts(hosts, [0, 1, 2, 3], 2, "hosts")
+
+
+@pytest.fixture(scope="module")
+def run_dir(speeches, tmp_path_factory):
+    d = tmp_path_factory.mktemp("launch")
+    cfg = d / "c.yaml"
+    data = tiny_config_dict([str(p) for p in speeches[:12]], train={"steps": 3, "val_every": 0})
+    data["diffusion"]["num_blocks"] = 2
+    cfg.write_text(yaml.safe_dump(data))
+    subprocess.run(
+        [sys.executable, "tools/prepare.py", "--config", str(cfg), "--run", str(d / "run")],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    return d / "run"
+
+
+def test_dry_run_on_a_four_host_hostfile(run_dir, tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("".join(f"10.0.0.{i} slots=8\n" for i in range(1, 5)))
+    p = subprocess.run(
+        [
+            sys.executable,
+            "launchers/launch_blocks.py",
+            "--run",
+            str(run_dir),
+            "--hostfile",
+            str(hosts),
+            "--e2e",
+            "--nodes-per-block",
+            "1",
+            "--dry-run",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    jobs = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [j["job"] for j in jobs] == ["block 0", "block 1", "e2e"]
+    assert [j["hosts"] for j in jobs] == [["10.0.0.1"], ["10.0.0.2"], ["10.0.0.3"]]
+    assert len({j["port"] for j in jobs}) == 3
+    for j in jobs:
+        cmd = j["command"]
+        assert cmd[0].endswith("deepspeed") and cmd[cmd.index("--master_addr") + 1] == j["hosts"][0]
+        assert cmd[cmd.index("--hostfile") + 1] == j["hostfile"] and str(run_dir) in cmd
+    assert not (run_dir / "blocks/0/hostfile").exists()  # a dry run writes nothing
+    p = subprocess.run(
+        [sys.executable, "launchers/launch_blocks.py", "--run", str(run_dir), "--local", "--blocks", "5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 2 and "--blocks: [5] not in 0..1" in p.stderr
+
+
+@pytest.mark.slow
+def test_local_concurrent_fan_out(run_dir):
+    p = subprocess.run(
+        [sys.executable, "launchers/launch_blocks.py", "--run", str(run_dir), "--local", "--concurrent"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "[block 0] " in p.stdout and "[block 1] " in p.stdout
+    table = p.stdout[p.stdout.index("job ") :]
+    assert table.count("done") == 2 and "global_step3" in table
+    for b in (0, 1):
+        log = (run_dir / f"blocks/{b}/launch.log").read_text()
+        assert "launchers/train_block.py" in log and f'"job": "block {b}"' in log
