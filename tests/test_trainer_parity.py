@@ -66,3 +66,18 @@ def test_deepspeed_trainer_matches_plain_torch(process_group, tiny_cfg, tmp_path
     for k, v in reference.items():
         torch.testing.assert_close(merged[k], v, rtol=1e-4, atol=1e-5, msg=k)
     assert events[-1]["ce"] < events[0]["ce"]  # and it learns (plain CE: the weighted loss swings with sigma)
+
+
+@pytest.mark.parametrize("block", [0, None], ids=["block", "e2e"])
+def test_activation_checkpointing_changes_nothing_but_memory(process_group, tiny_cfg, tmp_path, block):
+    from dbscale.train.trainer import Trainer
+
+    losses = {}
+    for ac in (False, True):
+        cfg = tiny_cfg(train={"steps": 4, "save_every": 100, "val_every": 0, "activation_checkpointing": ac})
+        run = prepare_run(cfg, tmp_path / f"ac{ac}", log=lambda *a: None)
+        trainer = Trainer(run, block, rank=0, world_size=1)
+        assert trainer.engine.module.activation_checkpointing is ac  # the config reaches the model
+        trainer.train()
+        losses[ac] = [e["loss"] for e in read_metrics(run.job_dir(block) / "metrics.jsonl") if e["event"] == "train"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)  # memory: see test_models

@@ -110,19 +110,25 @@ class Trainer:
         if validation:
             windows = self._val_windows[micro * mb : (micro + 1) * mb]
         else:  # the same data stream for every job of the run: blocks and baseline see the same windows
-            rng = np.random.default_rng(_seed(t.seed, step, self.rank, micro, 1))
+            # Seeded by the micro-batch's global index within the step, so W ranks x G accumulation steps draw
+            # the same data as one rank accumulating W*G micro-batches (with one rank: index = micro).
+            rng = np.random.default_rng(_seed(t.seed, step, 0, self._global_micro(micro), 1))
             windows = self.train_shards.random_windows(rng, mb, length)
         window = torch.from_numpy(windows).to(self.device)
         if self.block is None:
             return window, None, None
         d = self.cfg.diffusion
-        noise_seed = _seed(t.seed, self.job_id, step, self.rank, micro, 2 if not validation else 3)
+        index = micro if validation else self._global_micro(micro)
+        noise_seed = _seed(t.seed, self.job_id, step, 0, index, 2 if not validation else 3)
         g = torch.Generator().manual_seed(noise_seed)
         sigma = sample_truncated_lognormal(len(windows), *self.interval, d.P_mean, d.P_std, generator=g)
         g_dev = torch.Generator(device=self.device).manual_seed(noise_seed)  # noise is drawn where it is used
         shape = (len(windows), length - 1, self.cfg.model.embed_dim)
         noise = torch.randn(shape, generator=g_dev, device=self.device)
         return window, sigma.float().to(self.device), noise
+
+    def _global_micro(self, micro: int) -> int:
+        return self.rank * self.cfg.train.grad_accum + micro
 
     def _loss(self, window, sigma, noise):
         if self.block is None:
@@ -246,6 +252,15 @@ class Trainer:
     def _handle_signal(self, signum, frame):
         self.stop_requested = True
 
+    def _mean_over_ranks(self, losses: list[float], ces: list[float]) -> tuple[float | None, float | None]:
+        """The step's loss and CE averaged over every micro-batch of every rank (what the optimizer saw)."""
+        if not losses:
+            return None, None
+        t = torch.tensor([sum(losses), sum(ces), len(losses)], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return (t[0] / t[2]).item(), (t[1] / t[2]).item()
+
     def _agree(self, flag: bool) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -313,9 +328,10 @@ class Trainer:
             bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
                 elapsed = time.time() - window_t0
+                mean_loss, mean_ce = self._mean_over_ranks(losses, ces)
                 record = {  # a skipped (non-finite) step has no loss to report
-                    "loss": float(np.mean(losses)) if losses else None,
-                    "ce": float(np.mean(ces)) if ces else None,
+                    "loss": mean_loss,
+                    "ce": mean_ce,
                     "lr": self.scheduler.get_last_lr()[0],
                     "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
                     "step_time_s": time.time() - step_t0,
