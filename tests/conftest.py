@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,33 @@ def process_group():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         deepspeed.init_distributed(dist_backend="gloo")
     yield
+
+
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+def run_cli(cmd: list[str], expect: int | None = 0, env: dict | None = None, timeout: int = 300):
+    """Run an entry point from the repository root (one thread per process); check its exit status."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if expect is not None and p.returncode != expect:
+        raise AssertionError(f"{cmd} exited {p.returncode}, expected {expect}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def deepspeed_block(run_dir, block: int, num_gpus: int = 1) -> list[str]:
+    """The deepspeed-launcher command that trains one block of a run, on a free port."""
+    from dbscale.train.distributed import free_port
+
+    return [
+        DEEPSPEED,
+        "--num_gpus",
+        str(num_gpus),
+        "--master_port",
+        str(free_port()),
+        "launchers/train_block.py",
+        "--run",
+        str(run_dir),
+        "--block",
+        str(block),
+    ]

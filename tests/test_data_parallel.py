@@ -2,27 +2,17 @@
 launcher (one micro-batch each) match one process accumulating two micro-batches: the same per-step
 losses and, after merging, the same weights."""
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import ROOT, tiny_config_dict
+from conftest import deepspeed_block, tiny_config_dict
+from conftest import run_cli as run
 
-from dbscale.train.distributed import free_port
 from dbscale.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
-
-
-def run(cmd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, f"{cmd}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -38,20 +28,7 @@ def test_two_ranks_equal_one_rank_accumulating(speeches, tmp_path, stage):
         )
         runs[name] = tmp_path / name
         run([sys.executable, "tools/prepare.py", "--config", str(cfg), "--run", str(runs[name])])
-    run(
-        [
-            DEEPSPEED,
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "launchers/train_block.py",
-            "--run",
-            str(runs["dp2"]),
-            "--block",
-            "1",
-        ]
-    )
+    run(deepspeed_block(runs["dp2"], 1, num_gpus=2))
     run([sys.executable, "launchers/train_block.py", "--run", str(runs["ga2"]), "--block", "1"])
 
     losses = {

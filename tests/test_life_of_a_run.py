@@ -3,32 +3,22 @@ launcher (one of them data-parallel over 2 gloo processes), the baseline, merge,
 killed with SIGKILL that resumes with exactly the losses of an uninterrupted one."""
 
 import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import ROOT, tiny_config_dict
+from conftest import DEEPSPEED, deepspeed_block, tiny_config_dict
+from conftest import run_cli as run
 
 from dbscale.train.distributed import free_port
 from dbscale.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 PY = sys.executable
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
-
-
-def run(cmd, expect=0, env=None, timeout=300):
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
-    if expect is not None and p.returncode != expect:
-        raise AssertionError(f"{cmd} exited {p.returncode}, expected {expect}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +38,7 @@ def test_whole_life_of_a_run(config_file, tmp_path):
     run([PY, "tools/prepare.py", "--config", str(config_file), "--run", str(r)])
 
     # block 0: two data-parallel processes under the deepspeed launcher (ZeRO-2 over gloo)
-    run(
-        [
-            DEEPSPEED,
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "launchers/train_block.py",
-            "--run",
-            str(r),
-            "--block",
-            "0",
-        ]
-    )
+    run(deepspeed_block(r, 0, num_gpus=2))
     start = next(e for e in read_metrics(r / "blocks/0/metrics.jsonl") if e["event"] == "start")
     assert start["world_size"] == 2
 
@@ -70,7 +47,7 @@ def test_whole_life_of_a_run(config_file, tmp_path):
     assert "block 1: no checkpoint" in p.stderr and "--block 1" in p.stderr and "Traceback" not in p.stderr
     assert not (r / "merged").exists()
 
-    run([DEEPSPEED, "--master_port", str(free_port()), "launchers/train_block.py", "--run", str(r), "--block", "1"])
+    run(deepspeed_block(r, 1))
     run([DEEPSPEED, "--master_port", str(free_port()), "launchers/train_e2e.py", "--run", str(r)])
     for job in ("blocks/0", "blocks/1", "e2e"):
         events = read_metrics(r / job / "metrics.jsonl")
