@@ -78,7 +78,12 @@ class DiffusionConfig:
         None, "Explicit layer allocation, e.g. [3, 6, 3]; null = n_layers / B each (the paper's default)."
     )
     partition: str = _field(
-        "equiprobable", "Noise partition: 'equiprobable' (paper, equal log-normal mass) or 'uniform' (log space)."
+        "equiprobable",
+        "Noise partition: 'equiprobable' (paper, equal log-normal mass), 'uniform' (log space) or 'calibrated' "
+        "(the measured `boundaries` written by tools/calibrate_noise.py).",
+    )
+    boundaries: list[float] | None = _field(
+        None, "For partition 'calibrated': B+1 ascending sigmas from sigma_min to sigma_max (block 0 owns the top)."
     )
     gamma: float = _field(0.1, "Overlap: each interval is widened by (hi/lo)^gamma in log space (0.1 for text).")
     P_mean: float = _field(-1.2, "Mean of ln(sigma) in the EDM log-normal noise distribution.")
@@ -171,7 +176,7 @@ class Config:
 _SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
 _CHOICES = {
     "model.family": ("llama",),
-    "diffusion.partition": ("equiprobable", "uniform"),
+    "diffusion.partition": ("equiprobable", "uniform", "calibrated"),
     "diffusion.loss_weighting": ("edm", "none"),
     "data.source": ("sotu", "files", "hf", "lm1b", "openwebtext"),
     "data.tokenizer_type": ("bpe", "unigram"),
@@ -386,6 +391,20 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             )
     if not 0 < d.sigma_min < d.sigma_max:
         fail("diffusion.sigma_min", f"need 0 < sigma_min < sigma_max, got {d.sigma_min}, {d.sigma_max}.")
+    if d.partition == "calibrated":
+        bounds = d.boundaries or []
+        if len(bounds) != d.num_blocks + 1:
+            fail(
+                "diffusion.boundaries",
+                f"partition 'calibrated' needs num_blocks+1={d.num_blocks + 1} ascending sigmas, got {bounds}. "
+                "Fix: run tools/calibrate_noise.py --run R, or choose partition 'equiprobable'.",
+            )
+        if bounds[0] != d.sigma_min or bounds[-1] != d.sigma_max:
+            fail("diffusion.boundaries", f"must start at sigma_min={d.sigma_min} and end at sigma_max={d.sigma_max}.")
+        if any(b >= c for b, c in zip(bounds, bounds[1:], strict=False)):
+            fail("diffusion.boundaries", f"{bounds} must be strictly ascending (every block needs an interval).")
+    elif d.boundaries is not None:
+        fail("diffusion.boundaries", f"is only read by partition 'calibrated' (here '{d.partition}'); remove it.")
     if d.P_std <= 0 or d.sigma_data <= 0:
         fail("diffusion.P_std", "P_std and sigma_data must be positive.")
     if not 0 <= d.gamma < 1:

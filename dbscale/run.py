@@ -7,6 +7,7 @@
     runs/X/target_embedding.safetensors     frozen, seeded, L2-normalised target table
     runs/X/blocks/b/  runs/X/e2e/           DeepSpeed checkpoints, tensorboard/, metrics.jsonl
     runs/X/merged/                          model.safetensors + manifest.json
+    runs/X/calibration.json                 measured loss-vs-sigma curve (tools/calibrate_noise.py), if any
 
 A run is prepared in a temporary sibling directory and renamed into place, so a crash never leaves a
 half-prepared run. Every file is written to a temporary name, flushed and renamed.
@@ -37,6 +38,7 @@ MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer/spm.model"
 TARGET_EMBEDDING = "target_embedding.safetensors"
+CALIBRATION = "calibration.json"
 
 
 def config_hash(cfg: Config) -> str:
@@ -123,6 +125,53 @@ class Run:
         return TokenShards(self.root / "data", data[split], data["dtype"], split)
 
 
+def started_blocks(run: Run) -> list[int]:
+    """Blocks whose job directory holds anything (a lock, metrics or a checkpoint)."""
+    return [b for b in range(run.num_blocks) if run.job_dir(b).is_dir() and any(run.job_dir(b).iterdir())]
+
+
+def set_partition(run: Run, changes: dict, calibration: dict) -> Run:
+    """Rewrite the run's diffusion settings (partition, boundaries, P_mean, P_std) before any block starts.
+
+    Writes calibration.json (the measurement and the choice), then config.yaml, then the manifest with the
+    new hashes and partition. Refuses when a block job has started: its slice would change under it.
+    """
+    started = started_blocks(run)
+    if started:
+        raise RunError(
+            f"{run.root}: block(s) {started} have already started with the current partition; changing it now "
+            "would give blocks inconsistent slices. Fix: calibrate a freshly prepared run (the same config in a "
+            "new --run directory), or remove those blocks' directories if their checkpoints are not needed."
+        )
+    allowed = {"partition", "boundaries", "P_mean", "P_std"}
+    if set(changes) - allowed:
+        raise ValueError(f"set_partition changes only {sorted(allowed)}, got {sorted(changes)}")
+    prepared = run.manifest.get("calibration", {}).get("prepared_config", run.config.to_dict())
+    data = json.loads(json.dumps(prepared))
+    data["diffusion"].update(changes)
+    if data["diffusion"].get("partition") != "calibrated":
+        data["diffusion"]["boundaries"] = None
+    cfg = config_from_dict(data, where=f"{run.root / CONFIG} (calibrated)")
+    record = dict(calibration, applied=changes)
+    atomic_write_json(run.root / CALIBRATION, record)
+    atomic_write_text(run.root / CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    manifest = dict(run.manifest)
+    manifest.update(
+        partition=partition_record(cfg),
+        resolved_config_sha256=config_hash(cfg),
+        config_sha256=sha256_file(run.root / CONFIG),
+        calibration={
+            "file": CALIBRATION,
+            "sha256": sha256_file(run.root / CALIBRATION),
+            "method": calibration.get("method"),
+            "applied": changes,
+            "prepared_config": prepared,
+        },
+    )
+    atomic_write_json(run.root / MANIFEST, manifest)
+    return open_run(run.root)
+
+
 def open_run(root: str | Path, verify: bool = True) -> Run:
     root = Path(root)
     if not root.is_dir():
@@ -147,6 +196,14 @@ def open_run(root: str | Path, verify: bool = True) -> Run:
 # Creating a run.
 
 
+def _encoded(tok, docs: list[str], bar, batch: int = 256):
+    """Token ids of each document, encoded in batches, advancing the progress bar once per document."""
+    for i in range(0, len(docs), batch):
+        for ids in tok.encode_batch(docs[i : i + batch]):
+            bar.update(1)  # (returns True when it redraws: never combine it with the value)
+            yield ids
+
+
 def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
     """Create the run directory: tokenizer, shards, target embedding, manifest. Idempotent for the same
     config; refuses (and changes nothing) when the directory holds a run of another config."""
@@ -162,7 +219,9 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
     if root.exists():
         if (root / MANIFEST).is_file():
             existing = open_run(root, verify=False)
-            diff = config_diff(existing.config.to_dict(), cfg.to_dict())
+            # A calibrated run is compared with the config it was prepared from, so preparing again is a no-op.
+            prepared = existing.manifest.get("calibration", {}).get("prepared_config", existing.config.to_dict())
+            diff = config_diff(prepared, cfg.to_dict())
             if diff:
                 raise RunError(
                     f"{root}: already holds a run prepared from another config ({len(diff)} difference(s): "
@@ -212,9 +271,9 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
         data = {"dtype": dtype.name}
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
             bar = tqdm(total=len(split_docs), desc=f"[prepare] tokenizing {split}", unit="doc", mininterval=2.0)
-            batches = (tok.encode_batch(split_docs[i : i + 256]) for i in range(0, len(split_docs), 256))
-            ids = (bar.update(1) or doc for batch in batches for doc in batch)
-            data[split] = write_shards(ids, tok.eos_id, staging / "data", split, cfg.data.shard_tokens, dtype)
+            data[split] = write_shards(
+                _encoded(tok, split_docs, bar), tok.eos_id, staging / "data", split, cfg.data.shard_tokens, dtype
+            )
             bar.close()
         n_train = sum(r["tokens"] for r in data["train"])
         n_val = sum(r["tokens"] for r in data["val"])

@@ -85,3 +85,19 @@ def test_dry_run_report(tiny_cfg):
     assert report["layers_per_block"] == [1, 1]
     assert report["parameters"]["e2e"] > 0 and len(report["parameters"]["blocks"]) == 2
     assert report["partition"]["train_intervals"][0][0] < report["partition"]["block_intervals"][0][0]
+
+
+def test_encoding_survives_progress_redraws():
+    """tqdm's update() returns True when it redraws; the encoder must still yield every document's ids."""
+    from dbscale.run import _encoded
+
+    class Tok:
+        def encode_batch(self, docs):
+            return [[len(d)] for d in docs]
+
+    class RedrawingBar:
+        def update(self, n):
+            return True
+
+    docs = [f"doc {i}" * (i + 1) for i in range(600)]
+    assert list(_encoded(Tok(), docs, RedrawingBar())) == [[len(d)] for d in docs]

@@ -12,15 +12,26 @@ from dbscale.diffusion.noise import lognormal_cdf, lognormal_icdf
 
 
 def sigma_boundaries(
-    num_blocks: int, kind: str, P_mean: float, P_std: float, sigma_min: float, sigma_max: float
+    num_blocks: int,
+    kind: str,
+    P_mean: float,
+    P_std: float,
+    sigma_min: float,
+    sigma_max: float,
+    boundaries: list[float] | None = None,
 ) -> list[float]:
     """B+1 ascending boundaries from sigma_min to sigma_max.
 
     'equiprobable' (paper, section 3.3): equal mass of the truncated log-normal per block,
         q_b = q_min + (b/B)(q_max - q_min), sigma_b = exp(P_mean + P_std * Phi^-1(q_b)).
     'uniform' (the paper's ablation): equal intervals in log sigma.
+    'calibrated': the given `boundaries` (measured by tools/calibrate_noise.py).
     """
     B = num_blocks
+    if kind == "calibrated":
+        if boundaries is None or len(boundaries) != B + 1:
+            raise ValueError(f"partition 'calibrated' needs {B + 1} boundaries, got {boundaries}")
+        return [float(b) for b in boundaries]
     if kind == "equiprobable":
         q_min = lognormal_cdf(sigma_min, P_mean, P_std)
         q_max = lognormal_cdf(sigma_max, P_mean, P_std)
@@ -29,7 +40,7 @@ def sigma_boundaries(
         lo, hi = math.log(sigma_min), math.log(sigma_max)
         inner = [math.exp(lo + (b / B) * (hi - lo)) for b in range(1, B)]
     else:
-        raise ValueError(f"unknown partition '{kind}' (expected 'equiprobable' or 'uniform')")
+        raise ValueError(f"unknown partition '{kind}' (expected 'equiprobable', 'uniform' or 'calibrated')")
     return [sigma_min, *inner, sigma_max]
 
 
@@ -61,8 +72,9 @@ class Partition:
         P_std: float,
         sigma_min: float,
         sigma_max: float,
+        boundaries: list[float] | None = None,
     ) -> Partition:
-        bounds = sigma_boundaries(num_blocks, kind, P_mean, P_std, sigma_min, sigma_max)
+        bounds = sigma_boundaries(num_blocks, kind, P_mean, P_std, sigma_min, sigma_max, boundaries)
         B = num_blocks
         intervals = tuple((bounds[B - 1 - b], bounds[B - b]) for b in range(B))
         train = tuple(widen(lo, hi, gamma, sigma_min, sigma_max) for lo, hi in intervals)
@@ -71,18 +83,37 @@ class Partition:
     @classmethod
     def from_config(cls, d) -> Partition:
         """From a `DiffusionConfig`."""
-        return cls.build(d.num_blocks, d.partition, d.gamma, d.P_mean, d.P_std, d.sigma_min, d.sigma_max)
+        return cls.build(d.num_blocks, d.partition, d.gamma, d.P_mean, d.P_std, d.sigma_min, d.sigma_max, d.boundaries)
 
     def block_interval(self, b: int) -> tuple[float, float]:
         return self.intervals[b]
 
 
+def warp(u: float, boundaries: list[float]) -> float:
+    """The calibrated partition's map from u in [0, 1] to sigma: u = b/B at boundary b, log-linear between.
+
+    It plays the part the log-normal inverse CDF plays for 'equiprobable', so the sampler's steps spread over
+    the blocks in the same way (each block's interval is an equal share of u)."""
+    B = len(boundaries) - 1
+    x = min(max(u, 0.0), 1.0) * B
+    b = min(int(x), B - 1)
+    lo, hi = math.log(boundaries[b]), math.log(boundaries[b + 1])
+    return math.exp(lo + (x - b) * (hi - lo))
+
+
 def step_sigmas(
-    num_steps: int, kind: str, P_mean: float, P_std: float, sigma_min: float, sigma_max: float
+    num_steps: int,
+    kind: str,
+    P_mean: float,
+    P_std: float,
+    sigma_min: float,
+    sigma_max: float,
+    boundaries: list[float] | None = None,
 ) -> list[float]:
     """Descending sampler sigmas, from sigma_max to sigma_min inclusive (num_steps >= 2 points).
 
-    Equi-probability points of the truncated log-normal for 'equiprobable', log-uniform for 'uniform'.
+    Equi-probability points of the truncated log-normal for 'equiprobable', log-uniform for 'uniform',
+    equal steps of the piecewise log-linear `warp` through the boundaries for 'calibrated'.
     With 4 steps (B=4) the equi-probability points are [80, 0.5050, 0.1796, 0.002].
     """
     if num_steps < 2:
@@ -95,6 +126,10 @@ def step_sigmas(
     elif kind == "uniform":
         lo, hi = math.log(sigma_min), math.log(sigma_max)
         sig = [math.exp(hi - f * (hi - lo)) for f in fractions]
+    elif kind == "calibrated":
+        if not boundaries or len(boundaries) < 2:
+            raise ValueError("partition 'calibrated' needs its boundaries")
+        sig = [warp(1.0 - f, boundaries) for f in fractions]
     else:
         raise ValueError(f"unknown partition '{kind}'")
     sig[0], sig[-1] = sigma_max, sigma_min  # exact ends, whatever the float round trip gives
@@ -102,16 +137,29 @@ def step_sigmas(
 
 
 def steps_to_blocks(num_steps: int, num_blocks: int) -> list[int]:
-    """Which block serves each sampler step, BY INDEX: step k -> floor(k * B / N).
+    """Which block serves each sampler step, BY INDEX (exact integer arithmetic, no sigma comparison).
 
-    Comparing sigma to the boundaries instead can skip a block through float rounding at a boundary
-    (B=3, 4 steps: the naive lookup gives [0, 0, 2, 2]; this gives [0, 0, 1, 2]).
+    Step k sits at u_k = 1 - k/(N-1) of the partition's quantile scale, where block b owns the u-slice
+    [(B-1-b)/B, (B-b)/B]; so step k goes to block ceil(k*B/(N-1)) - 1 (at least 0), a step exactly on a
+    boundary to the higher-noise block. For N = B this is step k -> block k; B=3 with 4 steps gives
+    [0, 0, 1, 2] (comparing sigma to the boundaries instead can give [0, 0, 2, 2] through float rounding).
+    The rule floor(k*B/N) agrees for N = B but sends some steps outside their block's slice for other N
+    (B=4, N=6: step 4 at u=0.2 would go to block 2, which owns [0.25, 0.5]).
     """
     if num_steps < num_blocks:
         raise ValueError(f"{num_steps} steps cannot visit all {num_blocks} blocks")
-    return [k * num_blocks // num_steps for k in range(num_steps)]
+    if num_steps < 2:
+        return [0] * num_steps
+    n = num_steps - 1
+    return [max(0, -((-k * num_blocks) // n) - 1) for k in range(num_steps)]
 
 
 def default_num_steps(num_blocks: int, sample_steps: int | None) -> int:
     """One Euler step per block (the paper's AR setting), at least 2."""
     return sample_steps if sample_steps is not None else max(num_blocks, 2)
+
+
+def config_step_sigmas(d, num_steps: int | None = None) -> list[float]:
+    """The sampler's sigmas for a `DiffusionConfig` (num_steps defaults to `default_num_steps`)."""
+    n = num_steps if num_steps is not None else default_num_steps(d.num_blocks, d.sample_steps)
+    return step_sigmas(n, d.partition, d.P_mean, d.P_std, d.sigma_min, d.sigma_max, d.boundaries)

@@ -18,7 +18,7 @@ from torch import nn
 
 from dbscale.config import Config, ModelConfig
 from dbscale.diffusion.noise import edm_loss_weight, edm_precond
-from dbscale.diffusion.partition import default_num_steps, step_sigmas, steps_to_blocks
+from dbscale.diffusion.partition import config_step_sigmas, steps_to_blocks
 from dbscale.diffusion.sampler import sample_chain
 from dbscale.models.layers import (
     KVCache,
@@ -205,9 +205,8 @@ class DiffusionBlocksLM(nn.Module):
             DenoiserBlock(cfg.model, vocab_size, n, d.sigma_data) for n in cfg.layer_allocation()
         )
         self.register_buffer("target_embedding", target_embedding.float(), persistent=True)
-        n = default_num_steps(d.num_blocks, d.sample_steps)
-        self.sigmas = step_sigmas(n, d.partition, d.P_mean, d.P_std, d.sigma_min, d.sigma_max)
-        self.step_blocks = steps_to_blocks(n, d.num_blocks)
+        self.sigmas = config_step_sigmas(d)
+        self.step_blocks = steps_to_blocks(len(self.sigmas), d.num_blocks)
 
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.sigmas]  # one per step: each step runs at one fixed sigma
