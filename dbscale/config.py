@@ -49,6 +49,16 @@ class ModelConfig:
         None, "Width of the frozen target embedding space the blocks denoise in; null = d_model."
     )
     init_std: float = _field(0.02, "Std of the normal initialisation of linear and embedding weights.")
+    head: str = _field(
+        "learned",
+        "Denoiser block readout: 'learned' (its own V x e head, the paper) or 'target' (logits = scale * h . E "
+        "with the run's frozen target table E: no V x e weights, gradients or optimizer state in a block job).",
+    )
+    context_embedding: str = _field(
+        "learned",
+        "Denoiser block clean-context input: 'learned' (its own V x d embedding, the paper) or 'target' (a "
+        "d x e projection of the frozen target table: no V x d weights in a block job).",
+    )
 
     @property
     def head_dim(self) -> int:
@@ -140,6 +150,11 @@ class TrainConfig:
     zero_stage: int = _field(2, "DeepSpeed ZeRO stage inside a block job: 1, 2 or 3.")
     precision: str = _field("auto", "'auto' (bf16 on CUDA, fp32 on CPU), 'fp32' or 'bf16'.")
     activation_checkpointing: bool = _field(False, "Recompute each layer's activations in backward.")
+    ce_chunk: int = _field(
+        0,
+        "Tokens per chunk of the training loss: the logits of one chunk at a time are built, used and freed, "
+        "and rebuilt in backward (the full B x T x V logits never exist). 0 = all at once. Same math.",
+    )
     max_nonfinite_steps: int = _field(
         0, "Steps with a NaN/inf loss that are skipped (no update) before the job stops; 0 = stop at the first."
     )
@@ -176,6 +191,8 @@ class Config:
 _SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
 _CHOICES = {
     "model.family": ("llama",),
+    "model.head": ("learned", "target"),
+    "model.context_embedding": ("learned", "target"),
     "diffusion.partition": ("equiprobable", "uniform", "calibrated"),
     "diffusion.loss_weighting": ("edm", "none"),
     "data.source": ("sotu", "files", "hf", "lm1b", "openwebtext"),
@@ -438,6 +455,8 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         fail("train.min_lr_ratio", "must be in [0, 1].")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         fail("train.betas", f"must be two numbers in [0, 1), got {t.betas}.")
+    if t.ce_chunk < 0:
+        fail("train.ce_chunk", f"must be >= 0 (0 = off), got {t.ce_chunk}.")
     if t.max_nonfinite_steps < 0:
         fail("train.max_nonfinite_steps", "must be >= 0.")
     if t.max_nonfinite_steps and t.grad_accum > 1:

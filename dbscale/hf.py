@@ -213,14 +213,15 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, blocks: bool = False, log
         offset = 0
         for b, n in enumerate(run.config.layer_allocation()):
             torch.manual_seed(run.config.train.seed + 1000 + b)
-            block = DenoiserBlock(m, run.vocab_size, n, run.config.diffusion.sigma_data)
+            block = DenoiserBlock(m, run.vocab_size, n, run.config.diffusion.sigma_data, run.load_target_embedding())
             state = block.state_dict()
-            state["embed_tokens.weight"] = e2e["embed_tokens.weight"]
+            if m.context_embedding == "learned":
+                state["embed_tokens.weight"] = e2e["embed_tokens.weight"]
             for i in range(n):
                 for k, v in e2e.items():
                     if k.startswith(f"layers.{offset + i}."):
                         state[f"layers.{i}." + k.split(".", 2)[2]] = v
-            if m.embed_dim == m.d_model:  # the head reads the target space; reuse it when widths agree
+            if m.embed_dim == m.d_model and m.head == "learned":  # the head reads the target space; reuse it
                 state["norm.weight"] = e2e["norm.weight"]
                 state["lm_head.weight"] = e2e["lm_head.weight"]
             offset += n

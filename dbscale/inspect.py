@@ -16,7 +16,8 @@ def dry_run_report(cfg: Config) -> dict:
     vocab = cfg.data.vocab_size  # the tokenizer is fit at prepare time; its size is this value
     with torch.device("meta"):
         e2e = LlamaLM(cfg.model, vocab)
-        blocks = [DenoiserBlock(cfg.model, vocab, n, cfg.diffusion.sigma_data) for n in cfg.layer_allocation()]
+        table = torch.empty(vocab, cfg.model.embed_dim)
+        blocks = [DenoiserBlock(cfg.model, vocab, n, cfg.diffusion.sigma_data, table) for n in cfg.layer_allocation()]
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     e2e_params = count(e2e)
     block_params = [count(b) for b in blocks]

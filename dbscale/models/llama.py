@@ -12,9 +12,12 @@ Training windows hold seq_len + 1 tokens x_0..x_T. Both models learn p(x_i | x_<
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dbscale.config import Config, ModelConfig
 from dbscale.diffusion.noise import edm_loss_weight, edm_precond
@@ -41,6 +44,62 @@ def frozen_target_embedding(vocab_size: int, dim: int, seed: int) -> torch.Tenso
     return F.normalize(table, dim=-1)
 
 
+class Head(nn.Module):
+    """Readout h -> logits over the vocabulary, or straight to per-token cross-entropy in chunks.
+
+    'learned': a (V, dim) weight (a bias-free Linear; the name `lm_head.weight` matches Hugging Face).
+    'target': logits = scale * h @ E^T with the run's frozen target table E, passed in by the caller; only the
+    scalar scale is trained (zero-initialised, so a fresh block predicts uniformly, like a zero head).
+    With `targets`, returns CE per token; `chunk` > 0 builds the logits of `chunk` tokens at a time under
+    activation checkpointing, so neither forward nor backward ever holds more than one chunk of logits.
+    The loss is computed inside this module's forward, so ZeRO-3 has gathered the weight when it is used.
+    """
+
+    def __init__(self, dim: int, vocab_size: int, kind: str = "learned"):
+        super().__init__()
+        self.kind = kind
+        if kind == "learned":
+            self.weight = nn.Parameter(torch.empty(vocab_size, dim))
+            # As nn.Linear draws it: keeps the random stream, so earlier runs' initialisations are reproduced.
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        elif kind == "target":
+            self.logit_scale = nn.Parameter(torch.zeros(()))
+        else:
+            raise ValueError(f"unknown head '{kind}'")
+
+    def logits(self, h: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "learned":
+            return F.linear(h, self.weight)
+        return self.logit_scale.to(h.dtype) * F.linear(h, table.to(h.dtype))
+
+    def _chunk_ce(self, h: torch.Tensor, targets: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
+        logits = self.logits(h, table)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the softmax in fp32
+        return F.cross_entropy(logits, targets, reduction="none")
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        chunk: int = 0,
+        table: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if targets is None:
+            return self.logits(h, table)
+        flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        if chunk <= 0 or chunk >= flat_t.numel() or not torch.is_grad_enabled():
+            ce = self._chunk_ce(flat_h, flat_t, table)
+        else:
+            ce = torch.cat(
+                [
+                    checkpoint(self._chunk_ce, flat_h[i : i + chunk], flat_t[i : i + chunk], table, use_reentrant=False)
+                    for i in range(0, flat_t.numel(), chunk)
+                ]
+            )
+        return ce.view(targets.shape)
+
+
 class LlamaLM(nn.Module):
     """End-to-end Llama-2 style causal LM: the baseline every DiffusionBlocks run is compared with."""
 
@@ -50,14 +109,21 @@ class LlamaLM(nn.Module):
         self.embed_tokens = nn.Embedding(vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.lm_head = Head(cfg.d_model, vocab_size)
         self.activation_checkpointing = False
         init_weights(self, cfg.init_std)
+        nn.init.normal_(self.lm_head.weight, 0.0, cfg.init_std)
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
+        ce_chunk: int = 0,
     ) -> torch.Tensor:
-        """tokens: (B, T) -> logits (B, T, V). With a cache, the tokens are appended to it."""
+        """tokens: (B, T) -> logits (B, T, V). With a cache, the tokens are appended to it.
+        With targets (B, T): the per-token cross-entropy (B, T) instead (chunked by `ce_chunk`)."""
         T = tokens.shape[1]
         if positions is None:
             positions = torch.arange(T, device=tokens.device)
@@ -80,7 +146,7 @@ class LlamaLM(nn.Module):
         )
         if cache is not None:
             cache.positions = key_pos
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x), targets, ce_chunk)
 
     # --- generation interface shared with DiffusionBlocksLM -----------------------------------------------
     def new_cache(self) -> KVCache:
@@ -96,27 +162,55 @@ class LlamaLM(nn.Module):
 
 class DenoiserBlock(nn.Module):
     """One DiffusionBlocks block of the AR family: `n_layers` AdaLN layers plus its own context embedding,
-    time embedder, input projection, readout, final norm and head. Knows nothing about other blocks."""
+    time embedder, input projection, readout, final norm and head. Knows nothing about other blocks.
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, n_layers: int, sigma_data: float):
+    With model.head / model.context_embedding = 'target', the head and/or the context embedding read the run's
+    frozen target table (`target_embedding`, required then; kept as a non-persistent buffer) instead of
+    owning V-sized weights."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        n_layers: int,
+        sigma_data: float,
+        target_embedding: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.cfg, self.vocab_size, self.sigma_data = cfg, vocab_size, sigma_data
         d, e = cfg.d_model, cfg.embed_dim
-        self.embed_tokens = nn.Embedding(vocab_size, d)  # the clean context
+        if "target" in (cfg.head, cfg.context_embedding):
+            if target_embedding is None or tuple(target_embedding.shape) != (vocab_size, e):
+                got = None if target_embedding is None else tuple(target_embedding.shape)
+                raise ValueError(f"head/context 'target' needs the ({vocab_size}, {e}) target table, got {got}")
+            self.register_buffer("target_table", target_embedding, persistent=False)
+        else:
+            self.target_table = None
+        if cfg.context_embedding == "learned":
+            self.embed_tokens = nn.Embedding(vocab_size, d)  # the clean context
+        else:
+            self.ctx_proj = nn.Linear(e, d, bias=False)  # the clean context, read from the frozen table
         self.in_proj = nn.Linear(e, d, bias=False)  # c_in * z_sigma -> hidden
         self.time_embed = TimestepEmbedder(d, cfg.time_freq_dim)
         self.layers = nn.ModuleList(TransformerLayer(cfg, adaln=True) for _ in range(n_layers))
         self.out_proj = nn.Linear(d, e, bias=False)  # F: hidden -> target space
         self.norm = RMSNorm(e, cfg.norm_eps)
         self.final_adaLN = nn.Linear(d, 2 * e)
-        self.lm_head = nn.Linear(e, vocab_size, bias=False)
+        self.lm_head = Head(e, vocab_size, cfg.head)  # zero-initialised either way
         self.activation_checkpointing = False
         init_weights(self, cfg.init_std)
         zero_init_adaln(self.layers)
-        for zero in (self.out_proj, self.final_adaLN, self.lm_head):  # a fresh block returns D = c_skip*z
+        for zero in (self.out_proj, self.final_adaLN):  # a fresh block returns D = c_skip*z
             nn.init.zeros_(zero.weight)
             if zero.bias is not None:
                 nn.init.zeros_(zero.bias)
+        if cfg.head == "learned":
+            nn.init.zeros_(self.lm_head.weight)
+
+    def embed_context(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cfg.context_embedding == "learned":
+            return self.embed_tokens(tokens)
+        return self.ctx_proj(self.target_table[tokens].to(self.ctx_proj.weight.dtype))
 
     def forward(
         self,
@@ -126,11 +220,14 @@ class DenoiserBlock(nn.Module):
         clean_pos: torch.Tensor | None = None,
         noisy_pos: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
+        ce_chunk: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """clean_tokens: (B, Tc) ids, z: (B, Tn, e) noisy targets, sigma: (B,).
 
         Default positions are the training layout (clean 0..Tc-1, noisy 1..Tn). With a cache, the clean
-        tokens are appended to it (noisy ones never are). Returns D (B, Tn, e) in fp32 and logits (B, Tn, V).
+        tokens are appended to it (noisy ones never are). Returns D (B, Tn, e) in fp32 and logits (B, Tn, V),
+        or with targets (B, Tn) the per-token cross-entropy (B, Tn) in place of the logits.
         """
         B, Tc = clean_tokens.shape
         Tn = z.shape[1]
@@ -143,7 +240,7 @@ class DenoiserBlock(nn.Module):
         c_skip, c_out, c_in, c_noise = (c.float().view(B, 1, 1) for c in edm_precond(sigma.float(), self.sigma_data))
         cond = self.time_embed(c_noise.view(B))
 
-        x = torch.cat([self.embed_tokens(clean_tokens), self.in_proj((c_in * z.float()).to(dtype))], dim=1)
+        x = torch.cat([self.embed_context(clean_tokens), self.in_proj((c_in * z.float()).to(dtype))], dim=1)
         new_pos = torch.cat([clean_pos, noisy_pos])
         new_clean = torch.cat(
             [torch.ones(Tc, dtype=torch.bool, device=dev), torch.zeros(Tn, dtype=torch.bool, device=dev)]
@@ -162,14 +259,13 @@ class DenoiserBlock(nn.Module):
         F_x = self.out_proj(h[:, Tc:]).float()
         D = c_skip * z.float() + c_out * F_x  # EDM Eq. 7
         shift, scale = self.final_adaLN(F.silu(cond))[:, None, :].chunk(2, dim=-1)
-        logits = self.lm_head(modulate(self.norm(D.to(dtype)), shift, scale))
-        return D, logits
+        h_out = modulate(self.norm(D.to(dtype)), shift, scale)
+        return D, self.lm_head(h_out, targets, ce_chunk, self.target_table)
 
 
-def lm_loss(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+def lm_loss(model: nn.Module, window: torch.Tensor, ce_chunk: int = 0) -> torch.Tensor:
     """Mean next-token cross-entropy (nats) of a causal LM (or its DeepSpeed engine) on (B, T+1) windows."""
-    logits = model(window[:, :-1])
-    return F.cross_entropy(logits.float().flatten(0, 1), window[:, 1:].flatten())
+    return model(window[:, :-1], targets=window[:, 1:], ce_chunk=ce_chunk).mean()
 
 
 def denoiser_loss(
@@ -180,6 +276,7 @@ def denoiser_loss(
     noise: torch.Tensor,
     weighting: str,
     sigma_data: float,
+    ce_chunk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-block objective (paper Eq. 6 with a cross-entropy readout, METHOD.md 4).
 
@@ -188,8 +285,8 @@ def denoiser_loss(
     """
     targets = window[:, 1:]
     z = target_embedding[targets] + sigma.view(-1, 1, 1) * noise
-    _, logits = block(window[:, :-1], z, sigma)
-    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").mean(dim=1)
+    _, token_ce = block(window[:, :-1], z, sigma, targets=targets, ce_chunk=ce_chunk)
+    ce = token_ce.float().mean(dim=1)
     weight = edm_loss_weight(sigma.float(), sigma_data) if weighting == "edm" else torch.ones_like(ce)
     return (weight * ce).mean(), ce.detach()
 
@@ -202,7 +299,8 @@ class DiffusionBlocksLM(nn.Module):
         self.cfg, self.vocab_size = cfg, vocab_size
         d = cfg.diffusion
         self.blocks = nn.ModuleList(
-            DenoiserBlock(cfg.model, vocab_size, n, d.sigma_data) for n in cfg.layer_allocation()
+            DenoiserBlock(cfg.model, vocab_size, n, d.sigma_data, target_embedding.float())
+            for n in cfg.layer_allocation()
         )
         self.register_buffer("target_embedding", target_embedding.float(), persistent=True)
         self.sigmas = config_step_sigmas(d)

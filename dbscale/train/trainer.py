@@ -62,7 +62,8 @@ class Trainer:
             model = LlamaLM(cfg.model, run.vocab_size)
         else:
             n_layers = cfg.layer_allocation()[block]
-            model = DenoiserBlock(cfg.model, run.vocab_size, n_layers, cfg.diffusion.sigma_data)
+            table = run.load_target_embedding() if "target" in (cfg.model.head, cfg.model.context_embedding) else None
+            model = DenoiserBlock(cfg.model, run.vocab_size, n_layers, cfg.diffusion.sigma_data, table)
             self.interval = tuple(run.manifest["partition"]["train_intervals"][block])
         model.activation_checkpointing = cfg.train.activation_checkpointing
         init = load_init_weights(run, block)  # imported weights (tools/import_hf.py); a checkpoint overrides them
@@ -132,10 +133,19 @@ class Trainer:
 
     def _loss(self, window, sigma, noise):
         if self.block is None:
-            loss = lm_loss(self.engine, window)
+            loss = lm_loss(self.engine, window, self.cfg.train.ce_chunk)
             return loss, loss.detach().expand(window.shape[0])
         d = self.cfg.diffusion
-        return denoiser_loss(self.engine, window, self.target_embedding, sigma, noise, d.loss_weighting, d.sigma_data)
+        return denoiser_loss(
+            self.engine,
+            window,
+            self.target_embedding,
+            sigma,
+            noise,
+            d.loss_weighting,
+            d.sigma_data,
+            self.cfg.train.ce_chunk,
+        )
 
     @torch.no_grad()
     def validate(self, step: int) -> dict:
