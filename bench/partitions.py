@@ -68,7 +68,8 @@ def main() -> int:
         t0 = time.time()
         run = root / name
         sh(PY, "tools/prepare.py", "--config", args.config, "--run", str(run))
-        if name != "paper":
+        calibrated = json.loads((run / "manifest.json").read_text()).get("calibration", {}).get("method")
+        if name != "paper" and calibrated != name:  # (a rerun resumes: the run is calibrated already)
             steps = str(args.calibration_steps)
             sh(PY, "tools/calibrate_noise.py", "--run", str(run), "--method", name, "--steps", steps)
         r = open_run(run)

@@ -70,7 +70,7 @@ class Head(nn.Module):
     def logits(self, h: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         if self.kind == "learned":
             return F.linear(h, self.weight)
-        return self.logit_scale.to(h.dtype) * F.linear(h, table.to(h.dtype))
+        return F.linear(h * self.logit_scale.to(h.dtype), table.to(h.dtype))  # scaling h saves no V-sized tensor
 
     def _chunk_ce(self, h: torch.Tensor, targets: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
         logits = self.logits(h, table)

@@ -1,0 +1,223 @@
+"""Shared by the performance benches: shapes, one measured training job per fresh process, JSON + tables.
+
+Every measurement runs in its own process (`python bench/<script>.py --worker JSON`), so the peak RSS of one
+job never includes another's. A worker builds one job's model exactly as the trainer does (the end-to-end
+LlamaLM for B=1, one DenoiserBlock of L/B layers otherwise), trains it for a few AdamW steps on random
+tokens, and measures:
+- parameter, gradient, optimizer-state and buffer bytes (tensors as allocated after a step);
+- saved-activation bytes of one training step (autograd saved-tensor hooks, parameters excluded);
+- peak memory: CUDA max_memory_allocated on a GPU; on CPU the peak RSS and its rise over the RSS
+  measured just before the model was built (the Python and torch runtime is not the job's memory);
+- median step time and training tokens/s (tokens = predicted positions, B x T per micro-batch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+# The paper's Llama shape (METHOD.md 7a) and a quick one that runs in seconds on a laptop CPU.
+SHAPES = {
+    "full": {"n_layers": 12, "d_model": 768, "n_heads": 12, "seq_len": 256, "vocab": 32000},
+    "quick": {"n_layers": 12, "d_model": 192, "n_heads": 4, "seq_len": 128, "vocab": 8000},
+}
+
+# Cumulative switch levels of a block job; the end-to-end job takes the ones that apply to it.
+LEVELS = {
+    "paper": {},
+    "ce_chunk": {"ce_chunk": 256},
+    "checkpointing": {"ce_chunk": 256, "activation_checkpointing": True},
+    "target_head": {"ce_chunk": 256, "activation_checkpointing": True, "head": "target"},
+    "target_context": {
+        "ce_chunk": 256,
+        "activation_checkpointing": True,
+        "head": "target",
+        "context_embedding": "target",
+    },
+}
+E2E_LEVELS = ("paper", "ce_chunk", "checkpointing")
+
+
+def device_info() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "torch": torch.__version__, "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        info.update(device="cuda", gpu=torch.cuda.get_device_name(0))
+    else:
+        info.update(device="cpu", threads=torch.get_num_threads())
+    return info
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _warm_up_runtime(device) -> None:
+    """One tiny training step of each model kind, with every switch, so lazily loaded code is resident."""
+    import torch
+
+    from dbscale.config import ModelConfig
+    from dbscale.models.llama import DenoiserBlock, LlamaLM, denoiser_loss, frozen_target_embedding, lm_loss
+
+    cfg = ModelConfig(n_layers=2, d_model=64, n_heads=2, seq_len=16, head="target", context_embedding="target")
+    table = frozen_target_embedding(128, 64, 0).to(device)
+    for model in (LlamaLM(cfg, 128), DenoiserBlock(cfg, 128, 2, 0.5, table)):
+        model.to(device)
+        opt = torch.optim.AdamW(model.parameters())
+        for checkpointing, chunk in ((False, 0), (True, 8)):
+            model.activation_checkpointing = checkpointing
+            window = torch.randint(0, 128, (2, 17), device=device)
+            if isinstance(model, LlamaLM):
+                loss = lm_loss(model, window, chunk)
+            else:
+                noise = torch.randn(2, 16, 64, device=device)
+                loss = denoiser_loss(model, window, table, torch.ones(2, device=device), noise, "edm", 0.5, chunk)[0]
+            loss.backward()
+            opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def measure_job(spec: dict) -> dict:
+    """One training job of `spec` = {shape, B, level, micro_batch, steps >= 2, dtype}; returns the measurements."""
+    import torch
+
+    from dbscale.config import ModelConfig
+    from dbscale.models.llama import DenoiserBlock, LlamaLM, denoiser_loss, frozen_target_embedding, lm_loss
+    from dbscale.profiling import saved_activation_bytes, state_bytes
+
+    shape = SHAPES[spec["shape"]] if isinstance(spec["shape"], str) else spec["shape"]
+    B, level, mb = spec["B"], LEVELS[spec["level"]], spec["micro_batch"]
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if (cuda and spec.get("dtype", "auto") != "fp32") else torch.float32
+    model_keys = {k: level[k] for k in ("head", "context_embedding") if k in level}
+    cfg = ModelConfig(
+        n_layers=shape["n_layers"],
+        d_model=shape["d_model"],
+        n_heads=shape["n_heads"],
+        seq_len=shape["seq_len"],
+        **model_keys,
+    )
+    V, T = shape["vocab"], shape["seq_len"]
+    _warm_up_runtime(device)  # load kernels and thread pools first: they are the runtime's memory, not the job's
+    torch.manual_seed(0)
+    rss0 = rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    table = frozen_target_embedding(V, cfg.embed_dim, 0).to(device) if B > 1 else None
+    if B == 1:
+        model = LlamaLM(cfg, V)
+    else:
+        model = DenoiserBlock(cfg, V, cfg.n_layers // B, 0.5, table)
+    model.activation_checkpointing = bool(level.get("activation_checkpointing"))
+    model.to(device=device, dtype=dtype)
+    if B > 1 and "target" in (cfg.head, cfg.context_embedding):
+        model.target_table = table.to(dtype)  # one copy of the run's table, shared with the noise targets
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    chunk = level.get("ce_chunk", 0)
+    g = torch.Generator(device="cpu").manual_seed(1)
+
+    def loss_fn(window):
+        if B == 1:
+            return lm_loss(model, window, chunk)
+        sigma = torch.exp(torch.randn(mb, generator=g) * 1.2 - 1.2).to(device)
+        noise = torch.randn(mb, T, cfg.embed_dim, generator=g).to(device, dtype)
+        return denoiser_loss(model, window, table.to(dtype), sigma, noise, "edm", 0.5, chunk)[0]
+
+    times, saved = [], None
+    for step in range(spec["steps"]):
+        window = torch.randint(0, V, (mb, T + 1), generator=g).to(device)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        holder = {}
+        if step == 1:  # one step after the optimizer state exists: the steady state
+            saved = saved_activation_bytes(
+                lambda h=holder, w=window: h.update(loss=loss_fn(w)), list(model.parameters())
+            )
+        else:
+            holder["loss"] = loss_fn(window)
+        holder["loss"].backward()
+        states = state_bytes(model, opt) if step == 1 else None
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        if states is not None:
+            kept_states = states
+    steady = times[1:] if len(times) > 1 else times
+    step_s = statistics.median(steady)
+    out = {
+        **spec,
+        "dtype": str(dtype).replace("torch.", ""),
+        "layers": cfg.n_layers if B == 1 else cfg.n_layers // B,
+        "trainable_parameters": kept_states["trainable_parameters"],
+        "parameter_bytes": kept_states["parameters"],
+        "gradient_bytes": kept_states["gradients"],
+        "optimizer_bytes": kept_states["optimizer"],
+        "buffer_bytes": kept_states["buffers"],
+        "saved_activation_bytes": saved["bytes"],
+        "largest_saved_tensor_bytes": saved["largest"],
+        "step_s": step_s,
+        "tokens_per_s": mb * T / step_s,
+    }
+    out["state_plus_activation_bytes"] = (
+        out["parameter_bytes"] + out["gradient_bytes"] + out["optimizer_bytes"] + out["buffer_bytes"]
+    ) + out["saved_activation_bytes"]
+    if cuda:
+        out["peak_bytes"] = torch.cuda.max_memory_allocated()
+        out["peak_kind"] = "cuda_max_memory_allocated"
+    else:
+        out["peak_rss_bytes"] = peak_rss_bytes()
+        out["peak_bytes"] = out["peak_rss_bytes"] - rss0
+        out["peak_kind"] = "peak RSS minus RSS before the model was built"
+    return out
+
+
+def run_worker(script: str, spec: dict, timeout: int = 3600) -> dict:
+    """Run one measurement in a fresh process; returns its JSON result (or raises with its stderr)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run(
+        [sys.executable, script, "--worker", json.dumps(spec)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    if p.returncode != 0:
+        raise RuntimeError(f"worker {spec} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def write_results(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps({**payload, "device_info": device_info()}, indent=2) + "\n")
+    return path
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f}"

@@ -1,0 +1,84 @@
+"""Training memory of one DiffusionBlocks block job vs the end-to-end job, measured, with each memory switch.
+
+    python bench/memory.py --family llama --quick                 # seconds per job
+    python bench/memory.py --family llama --micro-batch 4         # the paper's shape (12 x 768, seq 256, 32K)
+
+For B in {1 (end-to-end), 2, 3, 4, 6} and each cumulative switch level (see bench/common.py LEVELS:
+paper -> +chunked CE -> +activation checkpointing -> +target-table head -> +target-table context), one
+fresh process per job measures parameter, gradient and optimizer bytes, saved-activation bytes of one step
+and the peak (CUDA peak on a GPU, peak RSS rise on CPU). The table gives each block job's share of the
+end-to-end job at the same switch level and at the paper level, next to the ideal 1/B.
+Writes bench/results/memory_<family>_<shape>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import E2E_LEVELS, LEVELS, measure_job, mib, run_worker, write_results  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="llama", choices=["llama", "masked", "huginn"])
+    p.add_argument("--quick", action="store_true", help="a small shape (same depth, d=192, vocab 8000, seq 128)")
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--blocks", default="1,2,3,4,6", help="values of B; 1 = the end-to-end job")
+    p.add_argument("--levels", default=",".join(LEVELS), help=f"switch levels, from {list(LEVELS)}")
+    p.add_argument("--steps", type=int, default=3, help="training steps per job (>= 2)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(measure_job(json.loads(args.worker))))
+        return 0
+    if args.family != "llama":
+        p.error(f"family '{args.family}' is not implemented in dbscale yet; only 'llama' can be measured")
+    shape = "quick" if args.quick else "full"
+    levels = [v for v in args.levels.split(",") if v]
+    rows = []
+    for B in [int(b) for b in args.blocks.split(",")]:
+        for level in levels:
+            if B == 1 and level not in E2E_LEVELS:
+                continue
+            spec = {"shape": shape, "B": B, "level": level, "micro_batch": args.micro_batch, "steps": args.steps}
+            r = run_worker(__file__, spec)
+            rows.append(r)
+            print(
+                f"[memory] B={B} {level:>14}: states+activations {mib(r['state_plus_activation_bytes'])} MiB, "
+                f"peak {mib(r['peak_bytes'])} MiB, {r['step_s']:.2f} s/step",
+                flush=True,
+            )
+    e2e = {r["level"]: r for r in rows if r["B"] == 1}
+    print(
+        f"\nLlama family, shape '{shape}', micro-batch {args.micro_batch}, {rows[0]['dtype']}; MiB; ratio = block / e2e"
+    )
+    head = f"{'B':>2} {'level':>14} {'params':>7} {'grads':>7} {'optim':>7} {'saved act':>9} {'total':>7} {'peak':>7}"
+    print(head + f" {'vs e2e same level':>17} {'vs e2e paper':>12} {'ideal':>6}")
+    for r in rows:
+        same = e2e.get(r["level"]) or e2e.get(E2E_LEVELS[-1])
+        paper = e2e.get("paper")
+        ratio = lambda ref, r=r: f"{r['peak_bytes'] / ref['peak_bytes']:.3f}" if ref else "-"  # noqa: E731
+        print(
+            f"{r['B']:>2} {r['level']:>14} {mib(r['parameter_bytes']):>7} {mib(r['gradient_bytes']):>7} "
+            f"{mib(r['optimizer_bytes']):>7} {mib(r['saved_activation_bytes']):>9} "
+            f"{mib(r['state_plus_activation_bytes']):>7} {mib(r['peak_bytes']):>7} {ratio(same):>17} "
+            f"{ratio(paper):>12} {1 / r['B']:>6.3f}"
+        )
+        if same:
+            r["ratio_vs_e2e_same_level"] = r["peak_bytes"] / same["peak_bytes"]
+        if paper:
+            r["ratio_vs_e2e_paper"] = r["peak_bytes"] / paper["peak_bytes"]
+    path = write_results(
+        f"memory_{args.family}_{shape}.json",
+        {"family": args.family, "shape": shape, "micro_batch": args.micro_batch, "levels": LEVELS, "rows": rows},
+    )
+    print(f"[memory] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
