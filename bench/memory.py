@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import E2E_LEVELS, LEVELS, measure_job, mib, run_worker, write_results  # noqa: E402
+from common import E2E_LEVELS, LEVELS, RESULTS, measure_job, mib, run_worker, write_results  # noqa: E402
 
 
 def main() -> int:
@@ -29,7 +29,8 @@ def main() -> int:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--blocks", default="1,2,3,4,6", help="values of B; 1 = the end-to-end job")
     p.add_argument("--levels", default=",".join(LEVELS), help=f"switch levels, from {list(LEVELS)}")
-    p.add_argument("--steps", type=int, default=3, help="training steps per job (>= 2)")
+    p.add_argument("--steps", type=int, default=2, help="training steps per job (>= 2; the second is measured)")
+    p.add_argument("--fresh", action="store_true", help="measure every row again (default: resume)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -39,19 +40,36 @@ def main() -> int:
         p.error(f"family '{args.family}' is not implemented in dbscale yet; only 'llama' can be measured")
     shape = "quick" if args.quick else "full"
     levels = [v for v in args.levels.split(",") if v]
-    rows = []
+    name = f"memory_{args.family}_{shape}.json"
+    # Resumable: rows already measured at this shape and micro-batch are kept (a full-shape run is long on CPU).
+    done = {}
+    previous = RESULTS / name
+    if previous.is_file() and not args.fresh:
+        old = json.loads(previous.read_text())
+        if old.get("micro_batch") == args.micro_batch:
+            done = {(r["B"], r["level"]): r for r in old["rows"]}
+
+    def save(rows):
+        return write_results(
+            name,
+            {"family": args.family, "shape": shape, "micro_batch": args.micro_batch, "levels": LEVELS, "rows": rows},
+        )
+
     for B in [int(b) for b in args.blocks.split(",")]:
         for level in levels:
-            if B == 1 and level not in E2E_LEVELS:
+            if (B == 1 and level not in E2E_LEVELS) or (B, level) in done:
                 continue
             spec = {"shape": shape, "B": B, "level": level, "micro_batch": args.micro_batch, "steps": args.steps}
             r = run_worker(__file__, spec)
-            rows.append(r)
+            done[(B, level)] = r
+            save(list(done.values()))
             print(
                 f"[memory] B={B} {level:>14}: states+activations {mib(r['state_plus_activation_bytes'])} MiB, "
                 f"peak {mib(r['peak_bytes'])} MiB, {r['step_s']:.2f} s/step",
                 flush=True,
             )
+    order = {level: i for i, level in enumerate(LEVELS)}
+    rows = sorted(done.values(), key=lambda r: (r["B"], order[r["level"]]))
     e2e = {r["level"]: r for r in rows if r["B"] == 1}
     print(
         f"\nLlama family, shape '{shape}', micro-batch {args.micro_batch}, {rows[0]['dtype']}; MiB; ratio = block / e2e"
@@ -72,10 +90,7 @@ def main() -> int:
             r["ratio_vs_e2e_same_level"] = r["peak_bytes"] / same["peak_bytes"]
         if paper:
             r["ratio_vs_e2e_paper"] = r["peak_bytes"] / paper["peak_bytes"]
-    path = write_results(
-        f"memory_{args.family}_{shape}.json",
-        {"family": args.family, "shape": shape, "micro_batch": args.micro_batch, "levels": LEVELS, "rows": rows},
-    )
+    path = save(rows)
     print(f"[memory] wrote {path}")
     return 0
 

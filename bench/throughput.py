@@ -1,0 +1,66 @@
+"""Training throughput of each block job vs the end-to-end job, on this machine, in one run.
+
+    python bench/throughput.py --quick                   # seconds per job
+    python bench/throughput.py --blocks 4 --micro-batch 4  # the paper's shape
+
+Each job runs in its own process (bench/common.py): the end-to-end LlamaLM with L layers, then every block
+b of B with its L/B layers (AdaLN, the doubled clean + noisy sequence). Reports median step time and
+training tokens/s of each, and the sum of the block jobs' step times, which is what training all blocks
+costs in machine time (when the blocks run one after another on one machine; on B machines the wall time is
+the slowest block's). Writes bench/results/throughput_<shape>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import measure_job, run_worker, write_results  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--blocks", type=int, default=4, help="B")
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=6, help="steps per job; the first is not timed")
+    p.add_argument("--level", default="paper", help="switch level (bench/common.py LEVELS)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(measure_job(json.loads(args.worker))))
+        return 0
+    shape = "quick" if args.quick else "full"
+    base = {"shape": shape, "micro_batch": args.micro_batch, "steps": args.steps}
+    e2e = run_worker(__file__, {**base, "B": 1, "level": "paper" if args.level not in ("ce_chunk",) else args.level})
+    blocks = [
+        run_worker(__file__, {**base, "B": args.blocks, "level": args.level, "block": b}) for b in range(args.blocks)
+    ]
+    total = sum(b["step_s"] for b in blocks)
+    print(f"\nLlama family, shape '{shape}', micro-batch {args.micro_batch}, {e2e['dtype']}, level '{args.level}'")
+    print(f"{'job':>10} {'layers':>6} {'step s':>8} {'tokens/s':>10} {'vs e2e':>7}")
+    print(f"{'e2e':>10} {e2e['layers']:>6} {e2e['step_s']:8.3f} {e2e['tokens_per_s']:10,.0f} {1:7.2f}")
+    for b, r in enumerate(blocks):
+        ratio = r["step_s"] / e2e["step_s"]
+        print(f"{'block ' + str(b):>10} {r['layers']:>6} {r['step_s']:8.3f} {r['tokens_per_s']:10,.0f} {ratio:7.2f}")
+    print(f"{'sum':>10} {sum(b['layers'] for b in blocks):>6} {total:8.3f} {'':>10} {total / e2e['step_s']:7.2f}")
+    path = write_results(
+        f"throughput_{shape}.json",
+        {
+            "shape": shape,
+            "B": args.blocks,
+            "e2e": e2e,
+            "blocks": blocks,
+            "sum_block_step_s": total,
+            "sum_over_e2e": total / e2e["step_s"],
+        },
+    )
+    print(f"[throughput] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
