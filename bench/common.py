@@ -153,9 +153,8 @@ def measure_job(spec: dict) -> dict:
         t0 = time.perf_counter()
         holder = {}
         if step == 1:  # one step after the optimizer state exists: the steady state
-            saved = saved_activation_bytes(
-                lambda h=holder, w=window: h.update(loss=loss_fn(w)), list(model.parameters())
-            )
+            held = [*model.parameters(), *model.buffers()]  # counted as state, not as activations
+            saved = saved_activation_bytes(lambda h=holder, w=window: h.update(loss=loss_fn(w)), held)
         else:
             holder["loss"] = loss_fn(window)
         holder["loss"].backward()
