@@ -38,8 +38,10 @@ def main() -> int:
         return 0
     if args.family != "llama":
         p.error(f"family '{args.family}' is not implemented in dbscale yet; only 'llama' can be measured")
-    shape = "quick" if args.quick else "full"
     levels = [v for v in args.levels.split(",") if v]
+    if set(levels) - set(LEVELS) or args.steps < 2:
+        p.error(f"--levels must come from {list(LEVELS)} (got {levels}) and --steps must be >= 2")
+    shape = "quick" if args.quick else "full"
     name = f"memory_{args.family}_{shape}.json"
     # Resumable: rows already measured at this shape and micro-batch are kept (a full-shape run is long on CPU).
     done = {}

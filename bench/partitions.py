@@ -96,7 +96,8 @@ def main() -> int:
     settings = EvalSettings(num_prompts=args.num_prompts)
     dirs = [str(root / n / "merged") for n in variants] + [str(base / "e2e/merged")]
     report = evaluate(dirs, base, settings)
-    windows = open_run(base).shards("val").fixed_windows(16, open_run(base).config.model.seq_len + 1, seed=5)
+    base_run = open_run(base)
+    windows = base_run.shards("val").fixed_windows(16, base_run.config.model.seq_len + 1, seed=5)
     for name, result in zip([*variants, "e2e"], report["results"], strict=True):
         row = rows.setdefault(name, {"block_val_ce": [final_val(base, "e2e")], "wall_s": round(e2e_s, 1)})
         row.update(

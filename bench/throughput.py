@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import measure_job, run_worker, write_results  # noqa: E402
+from common import E2E_LEVELS, LEVELS, measure_job, run_worker, write_results  # noqa: E402
 
 
 def main() -> int:
@@ -27,15 +27,19 @@ def main() -> int:
     p.add_argument("--blocks", type=int, default=4, help="B")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=6, help="steps per job; the first is not timed")
-    p.add_argument("--level", default="paper", help="switch level (bench/common.py LEVELS)")
+    p.add_argument("--level", default="paper", choices=list(LEVELS), help="switch level (bench/common.py LEVELS)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(measure_job(json.loads(args.worker))))
         return 0
+    if args.steps < 2:
+        p.error("--steps must be >= 2 (the first step is not timed)")
     shape = "quick" if args.quick else "full"
     base = {"shape": shape, "micro_batch": args.micro_batch, "steps": args.steps}
-    e2e = run_worker(__file__, {**base, "B": 1, "level": "paper" if args.level not in ("ce_chunk",) else args.level})
+    # The end-to-end job takes the same switches where they apply to it (the target-table ones do not).
+    e2e_level = args.level if args.level in E2E_LEVELS else E2E_LEVELS[-1]
+    e2e = run_worker(__file__, {**base, "B": 1, "level": e2e_level})
     blocks = [
         run_worker(__file__, {**base, "B": args.blocks, "level": args.level, "block": b}) for b in range(args.blocks)
     ]

@@ -211,9 +211,10 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, blocks: bool = False, log
     files["e2e"] = "e2e.safetensors"
     if blocks:
         offset = 0
+        table = run.load_target_embedding()
         for b, n in enumerate(run.config.layer_allocation()):
             torch.manual_seed(run.config.train.seed + 1000 + b)
-            block = DenoiserBlock(m, run.vocab_size, n, run.config.diffusion.sigma_data, run.load_target_embedding())
+            block = DenoiserBlock(m, run.vocab_size, n, run.config.diffusion.sigma_data, table)
             state = block.state_dict()
             if m.context_embedding == "learned":
                 state["embed_tokens.weight"] = e2e["embed_tokens.weight"]

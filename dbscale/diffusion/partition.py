@@ -11,6 +11,37 @@ from dataclasses import dataclass
 from dbscale.diffusion.noise import lognormal_cdf, lognormal_icdf
 
 
+def sigma_at(
+    u: float,
+    kind: str,
+    P_mean: float,
+    P_std: float,
+    sigma_min: float,
+    sigma_max: float,
+    boundaries: list[float] | None = None,
+) -> float:
+    """The partition's schedule: u in [0, 1] -> sigma, u = 0 at sigma_min and 1 at sigma_max; block b owns
+    the u-slice [(B-1-b)/B, (B-b)/B]. Both the block boundaries and the sampler's steps are read from it.
+
+    'equiprobable' (paper, section 3.3): sigma = exp(P_mean + P_std * Phi^-1(q_min + u (q_max - q_min))),
+        so every block holds the same mass of the truncated log-normal.
+    'uniform' (the paper's ablation): log-uniform in sigma.
+    'calibrated': piecewise log-linear through the measured `boundaries` (tools/calibrate_noise.py).
+    """
+    if kind == "equiprobable":
+        q_min = lognormal_cdf(sigma_min, P_mean, P_std)
+        q_max = lognormal_cdf(sigma_max, P_mean, P_std)
+        return lognormal_icdf(q_min + u * (q_max - q_min), P_mean, P_std)
+    if kind == "uniform":
+        lo, hi = math.log(sigma_min), math.log(sigma_max)
+        return math.exp(lo + u * (hi - lo))
+    if kind == "calibrated":
+        if not boundaries or len(boundaries) < 2:
+            raise ValueError("partition 'calibrated' needs its boundaries")
+        return warp(u, boundaries)
+    raise ValueError(f"unknown partition '{kind}' (expected 'equiprobable', 'uniform' or 'calibrated')")
+
+
 def sigma_boundaries(
     num_blocks: int,
     kind: str,
@@ -20,27 +51,14 @@ def sigma_boundaries(
     sigma_max: float,
     boundaries: list[float] | None = None,
 ) -> list[float]:
-    """B+1 ascending boundaries from sigma_min to sigma_max.
-
-    'equiprobable' (paper, section 3.3): equal mass of the truncated log-normal per block,
-        q_b = q_min + (b/B)(q_max - q_min), sigma_b = exp(P_mean + P_std * Phi^-1(q_b)).
-    'uniform' (the paper's ablation): equal intervals in log sigma.
-    'calibrated': the given `boundaries` (measured by tools/calibrate_noise.py).
-    """
+    """B+1 ascending boundaries from sigma_min to sigma_max: `sigma_at(b/B)`, with exact ends (and, for
+    'calibrated', exactly the given boundaries)."""
     B = num_blocks
     if kind == "calibrated":
         if boundaries is None or len(boundaries) != B + 1:
             raise ValueError(f"partition 'calibrated' needs {B + 1} boundaries, got {boundaries}")
         return [float(b) for b in boundaries]
-    if kind == "equiprobable":
-        q_min = lognormal_cdf(sigma_min, P_mean, P_std)
-        q_max = lognormal_cdf(sigma_max, P_mean, P_std)
-        inner = [lognormal_icdf(q_min + (b / B) * (q_max - q_min), P_mean, P_std) for b in range(1, B)]
-    elif kind == "uniform":
-        lo, hi = math.log(sigma_min), math.log(sigma_max)
-        inner = [math.exp(lo + (b / B) * (hi - lo)) for b in range(1, B)]
-    else:
-        raise ValueError(f"unknown partition '{kind}' (expected 'equiprobable', 'uniform' or 'calibrated')")
+    inner = [sigma_at(b / B, kind, P_mean, P_std, sigma_min, sigma_max) for b in range(1, B)]
     return [sigma_min, *inner, sigma_max]
 
 
@@ -90,10 +108,7 @@ class Partition:
 
 
 def warp(u: float, boundaries: list[float]) -> float:
-    """The calibrated partition's map from u in [0, 1] to sigma: u = b/B at boundary b, log-linear between.
-
-    It plays the part the log-normal inverse CDF plays for 'equiprobable', so the sampler's steps spread over
-    the blocks in the same way (each block's interval is an equal share of u)."""
+    """The calibrated schedule: u = b/B at boundary b, log-linear in sigma between boundaries."""
     B = len(boundaries) - 1
     x = min(max(u, 0.0), 1.0) * B
     b = min(int(x), B - 1)
@@ -110,28 +125,16 @@ def step_sigmas(
     sigma_max: float,
     boundaries: list[float] | None = None,
 ) -> list[float]:
-    """Descending sampler sigmas, from sigma_max to sigma_min inclusive (num_steps >= 2 points).
-
-    Equi-probability points of the truncated log-normal for 'equiprobable', log-uniform for 'uniform',
-    equal steps of the piecewise log-linear `warp` through the boundaries for 'calibrated'.
-    With 4 steps (B=4) the equi-probability points are [80, 0.5050, 0.1796, 0.002].
+    """Descending sampler sigmas, from sigma_max to sigma_min inclusive (num_steps >= 2 points): equal steps
+    of the partition's schedule `sigma_at`, u_k = 1 - k/(N-1). With 4 steps (B=4) the equi-probability points
+    are [80, 0.5050, 0.1796, 0.002].
     """
     if num_steps < 2:
         raise ValueError("the sampler needs at least 2 steps (sigma_max and sigma_min)")
-    fractions = [k / (num_steps - 1) for k in range(num_steps)]
-    if kind == "equiprobable":
-        q_min = lognormal_cdf(sigma_min, P_mean, P_std)
-        q_max = lognormal_cdf(sigma_max, P_mean, P_std)
-        sig = [lognormal_icdf(q_max - f * (q_max - q_min), P_mean, P_std) for f in fractions]
-    elif kind == "uniform":
-        lo, hi = math.log(sigma_min), math.log(sigma_max)
-        sig = [math.exp(hi - f * (hi - lo)) for f in fractions]
-    elif kind == "calibrated":
-        if not boundaries or len(boundaries) < 2:
-            raise ValueError("partition 'calibrated' needs its boundaries")
-        sig = [warp(1.0 - f, boundaries) for f in fractions]
-    else:
-        raise ValueError(f"unknown partition '{kind}'")
+    sig = [
+        sigma_at(1 - k / (num_steps - 1), kind, P_mean, P_std, sigma_min, sigma_max, boundaries)
+        for k in range(num_steps)
+    ]
     sig[0], sig[-1] = sigma_max, sigma_min  # exact ends, whatever the float round trip gives
     return sig
 

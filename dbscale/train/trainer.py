@@ -62,8 +62,11 @@ class Trainer:
             model = LlamaLM(cfg.model, run.vocab_size)
         else:
             n_layers = cfg.layer_allocation()[block]
-            table = run.load_target_embedding() if "target" in (cfg.model.head, cfg.model.context_embedding) else None
-            model = DenoiserBlock(cfg.model, run.vocab_size, n_layers, cfg.diffusion.sigma_data, table)
+            table = run.load_target_embedding()  # one copy: the noisy targets, and the head/context if they read it
+            reads_table = "target" in (cfg.model.head, cfg.model.context_embedding)
+            model = DenoiserBlock(
+                cfg.model, run.vocab_size, n_layers, cfg.diffusion.sigma_data, table if reads_table else None
+            )
             self.interval = tuple(run.manifest["partition"]["train_intervals"][block])
         model.activation_checkpointing = cfg.train.activation_checkpointing
         init = load_init_weights(run, block)  # imported weights (tools/import_hf.py); a checkpoint overrides them
@@ -81,7 +84,7 @@ class Trainer:
         )
         self.device = self.engine.device
         if block is not None:
-            self.target_embedding = run.load_target_embedding().to(self.device)
+            self.target_embedding = table.to(self.device)
         self.train_shards = run.shards("train")
         self.val_shards = run.shards("val")
         self.logger = MetricsLogger(self.job_dir, enabled=rank == 0)
