@@ -46,10 +46,10 @@ def test_chunked_ce_equals_full_logits_for_the_baseline(chunk):
 @pytest.mark.parametrize("chunk", [5, 16])
 def test_chunked_ce_equals_full_logits_for_a_block(head, chunk):
     cfg = ModelConfig(**{**CFG.__dict__, "head": head})
-    E = frozen_target_embedding(V, cfg.embed_dim, 0)
-    block = randomize(DenoiserBlock(cfg, V, 2, 0.5, E))  # fp32 (the readout D is always fp32): summation order
+    E = frozen_target_embedding(V, cfg.embed_dim, 0).double()
+    block = randomize(DenoiserBlock(cfg, V, 2, 0.5, E)).double()  # float64: any difference is a bug, not rounding
     window = torch.randint(0, V, (2, 17))
-    sigma, noise = torch.tensor([0.3, 2.0]), torch.randn(2, 16, cfg.embed_dim)
+    sigma, noise = torch.tensor([0.3, 2.0], dtype=torch.float64), torch.randn(2, 16, cfg.embed_dim).double()
 
     def reference():
         z = E[window[:, 1:]] + sigma.view(-1, 1, 1) * noise
@@ -59,9 +59,9 @@ def test_chunked_ce_equals_full_logits_for_a_block(head, chunk):
 
     ref_loss, ref = grads_of(block, reference)
     loss, got = grads_of(block, lambda: denoiser_loss(block, window, E, sigma, noise, "edm", 0.5, chunk)[0])
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     for n in ref:
-        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-9, atol=1e-12)
 
 
 def test_chunked_ce_never_saves_the_full_logits():

@@ -229,3 +229,18 @@ def test_activation_checkpointing_same_gradients_less_saved_memory(kind):
     for n in grads[False]:
         torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-6, msg=n)
     assert saved[True] < 0.6 * saved[False]
+
+
+@pytest.mark.parametrize(
+    "kind, weights_abs_sum, next_draw",
+    [("e2e", 682.2541492559558, 0.3746638894081116), ("block", 519.1299370001716, 0.0666610598564148)],
+)
+def test_initialisation_reproduces_earlier_runs(kind, weights_abs_sum, next_draw):
+    """Golden values from dbscale before the Head module (commit f7d24a4): the same weights AND the same random
+    state after construction, which the block job's later draws depend on (a changed draw order silently
+    changed every block's training once)."""
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, ffn_multiple_of=32, seq_len=16)
+    torch.manual_seed(0)
+    model = LlamaLM(cfg, 97) if kind == "e2e" else DenoiserBlock(cfg, 97, 1, 0.5)
+    assert sum(p.double().abs().sum().item() for p in model.parameters()) == pytest.approx(weights_abs_sum, rel=1e-12)
+    assert torch.rand(1).item() == next_draw

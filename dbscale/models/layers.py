@@ -198,6 +198,64 @@ class TransformerLayer(nn.Module):
         return x + gate_m * self.mlp(h)
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half precision up to fp32 (softmax, the EDM readout); fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class Head(nn.Module):
+    """Readout h -> logits over the vocabulary, or straight to per-token cross-entropy in chunks.
+
+    'learned': a (V, dim) weight (a bias-free Linear; the name `lm_head.weight` matches Hugging Face).
+    'target': logits = scale * h @ E^T with the run's frozen target table E, passed in by the caller; only the
+    scalar scale is trained (zero-initialised, so a fresh block predicts uniformly, like a zero head).
+    With `targets`, returns CE per token; `chunk` > 0 builds the logits of `chunk` tokens at a time under
+    activation checkpointing, so neither forward nor backward ever holds more than one chunk of logits.
+    The loss is computed inside this module's forward, so ZeRO-3 has gathered the weight when it is used.
+    """
+
+    def __init__(self, dim: int, vocab_size: int, kind: str = "learned"):
+        super().__init__()
+        self.kind = kind
+        if kind == "learned":
+            self.weight = nn.Parameter(torch.empty(vocab_size, dim))
+            # As nn.Linear draws it: keeps the random stream, so earlier runs' initialisations are reproduced.
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        elif kind == "target":
+            self.logit_scale = nn.Parameter(torch.zeros(()))
+        else:
+            raise ValueError(f"unknown head '{kind}'")
+
+    def logits(self, h: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "learned":
+            return F.linear(h, self.weight)
+        return F.linear(h * self.logit_scale.to(h.dtype), table.to(h.dtype))  # scaling h saves no V-sized tensor
+
+    def _chunk_ce(self, h: torch.Tensor, targets: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
+        return F.cross_entropy(at_least_fp32(self.logits(h, table)), targets, reduction="none")
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        chunk: int = 0,
+        table: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if targets is None:
+            return self.logits(h, table)
+        flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        if chunk <= 0 or chunk >= flat_t.numel() or not torch.is_grad_enabled():
+            ce = self._chunk_ce(flat_h, flat_t, table)
+        else:
+            ce = torch.cat(
+                [
+                    checkpoint(self._chunk_ce, flat_h[i : i + chunk], flat_t[i : i + chunk], table, use_reentrant=False)
+                    for i in range(0, flat_t.numel(), chunk)
+                ]
+            )
+        return ce.view(targets.shape)
+
+
 def run_layers(
     layers: nn.ModuleList,
     x: torch.Tensor,
@@ -221,9 +279,9 @@ def run_layers(
 def init_weights(module: nn.Module, std: float) -> None:
     """Normal(0, std) for linear and embedding weights, zeros for biases. Zero-inits are applied after."""
     for m in module.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear) or (isinstance(m, Head) and m.kind == "learned"):
             nn.init.normal_(m.weight, 0.0, std)
-            if m.bias is not None:
+            if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, std)

@@ -12,22 +12,21 @@ Training windows hold seq_len + 1 tokens x_0..x_T. Both models learn p(x_i | x_<
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dbscale.config import Config, ModelConfig
 from dbscale.diffusion.noise import edm_loss_weight, edm_precond
 from dbscale.diffusion.partition import config_step_sigmas, steps_to_blocks
 from dbscale.diffusion.sampler import sample_chain
 from dbscale.models.layers import (
+    Head,
     KVCache,
     RMSNorm,
     TimestepEmbedder,
     TransformerLayer,
+    at_least_fp32,
     init_weights,
     modulate,
     rope_cos_sin,
@@ -44,62 +43,6 @@ def frozen_target_embedding(vocab_size: int, dim: int, seed: int) -> torch.Tenso
     return F.normalize(table, dim=-1)
 
 
-class Head(nn.Module):
-    """Readout h -> logits over the vocabulary, or straight to per-token cross-entropy in chunks.
-
-    'learned': a (V, dim) weight (a bias-free Linear; the name `lm_head.weight` matches Hugging Face).
-    'target': logits = scale * h @ E^T with the run's frozen target table E, passed in by the caller; only the
-    scalar scale is trained (zero-initialised, so a fresh block predicts uniformly, like a zero head).
-    With `targets`, returns CE per token; `chunk` > 0 builds the logits of `chunk` tokens at a time under
-    activation checkpointing, so neither forward nor backward ever holds more than one chunk of logits.
-    The loss is computed inside this module's forward, so ZeRO-3 has gathered the weight when it is used.
-    """
-
-    def __init__(self, dim: int, vocab_size: int, kind: str = "learned"):
-        super().__init__()
-        self.kind = kind
-        if kind == "learned":
-            self.weight = nn.Parameter(torch.empty(vocab_size, dim))
-            # As nn.Linear draws it: keeps the random stream, so earlier runs' initialisations are reproduced.
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        elif kind == "target":
-            self.logit_scale = nn.Parameter(torch.zeros(()))
-        else:
-            raise ValueError(f"unknown head '{kind}'")
-
-    def logits(self, h: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kind == "learned":
-            return F.linear(h, self.weight)
-        return F.linear(h * self.logit_scale.to(h.dtype), table.to(h.dtype))  # scaling h saves no V-sized tensor
-
-    def _chunk_ce(self, h: torch.Tensor, targets: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
-        logits = self.logits(h, table)
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()  # the softmax in fp32
-        return F.cross_entropy(logits, targets, reduction="none")
-
-    def forward(
-        self,
-        h: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        chunk: int = 0,
-        table: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if targets is None:
-            return self.logits(h, table)
-        flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-        if chunk <= 0 or chunk >= flat_t.numel() or not torch.is_grad_enabled():
-            ce = self._chunk_ce(flat_h, flat_t, table)
-        else:
-            ce = torch.cat(
-                [
-                    checkpoint(self._chunk_ce, flat_h[i : i + chunk], flat_t[i : i + chunk], table, use_reentrant=False)
-                    for i in range(0, flat_t.numel(), chunk)
-                ]
-            )
-        return ce.view(targets.shape)
-
-
 class LlamaLM(nn.Module):
     """End-to-end Llama-2 style causal LM: the baseline every DiffusionBlocks run is compared with."""
 
@@ -112,7 +55,6 @@ class LlamaLM(nn.Module):
         self.lm_head = Head(cfg.d_model, vocab_size)
         self.activation_checkpointing = False
         init_weights(self, cfg.init_std)
-        nn.init.normal_(self.lm_head.weight, 0.0, cfg.init_std)
 
     def forward(
         self,
@@ -237,10 +179,11 @@ class DenoiserBlock(nn.Module):
         if noisy_pos is None:
             noisy_pos = torch.arange(1, Tn + 1, device=dev)
         dtype = self.in_proj.weight.dtype
-        c_skip, c_out, c_in, c_noise = (c.float().view(B, 1, 1) for c in edm_precond(sigma.float(), self.sigma_data))
+        c_skip, c_out, c_in, c_noise = (c.view(B, 1, 1) for c in edm_precond(at_least_fp32(sigma), self.sigma_data))
         cond = self.time_embed(c_noise.view(B))
 
-        x = torch.cat([self.embed_context(clean_tokens), self.in_proj((c_in * z.float()).to(dtype))], dim=1)
+        z = at_least_fp32(z)
+        x = torch.cat([self.embed_context(clean_tokens), self.in_proj((c_in * z).to(dtype))], dim=1)
         new_pos = torch.cat([clean_pos, noisy_pos])
         new_clean = torch.cat(
             [torch.ones(Tc, dtype=torch.bool, device=dev), torch.zeros(Tn, dtype=torch.bool, device=dev)]
@@ -256,8 +199,8 @@ class DenoiserBlock(nn.Module):
         if cache is not None and Tc:
             cache.positions = clean_pos if cache.positions is None else torch.cat([cache.positions, clean_pos])
 
-        F_x = self.out_proj(h[:, Tc:]).float()
-        D = c_skip * z.float() + c_out * F_x  # EDM Eq. 7
+        F_x = at_least_fp32(self.out_proj(h[:, Tc:]))
+        D = c_skip * z + c_out * F_x  # EDM Eq. 7
         shift, scale = self.final_adaLN(F.silu(cond))[:, None, :].chunk(2, dim=-1)
         h_out = modulate(self.norm(D.to(dtype)), shift, scale)
         return D, self.lm_head(h_out, targets, ce_chunk, self.target_table)
@@ -286,8 +229,8 @@ def denoiser_loss(
     targets = window[:, 1:]
     z = target_embedding[targets] + sigma.view(-1, 1, 1) * noise
     _, token_ce = block(window[:, :-1], z, sigma, targets=targets, ce_chunk=ce_chunk)
-    ce = token_ce.float().mean(dim=1)
-    weight = edm_loss_weight(sigma.float(), sigma_data) if weighting == "edm" else torch.ones_like(ce)
+    ce = at_least_fp32(token_ce).mean(dim=1)
+    weight = edm_loss_weight(at_least_fp32(sigma), sigma_data) if weighting == "edm" else torch.ones_like(ce)
     return (weight * ce).mean(), ce.detach()
 
 
