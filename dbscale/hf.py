@@ -97,6 +97,8 @@ def export_hf(merged_dir: str | Path, out_dir: str | Path) -> Path:
     from dbscale.merge import load_merged
 
     model, tokenizer, manifest = load_merged(merged_dir)
+    if manifest.get("family", "llama") != "llama":
+        raise RunError(f"{merged_dir}: transformers export needs a 'llama' model, not '{manifest['family']}'.")
     if manifest["kind"] != "e2e":
         raise RunError(
             f"{merged_dir}: holds DiffusionBlocks blocks, which are not a transformers architecture. Fix: export "

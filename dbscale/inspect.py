@@ -6,6 +6,7 @@ import torch
 
 from dbscale.config import Config
 from dbscale.models.llama import DenoiserBlock, LlamaLM
+from dbscale.models.masked import MaskedDenoiser
 from dbscale.run import partition_record
 
 # fp32 weights (4) + fp32 gradients (4) + AdamW moments (8) per parameter, before any ZeRO sharding.
@@ -15,9 +16,15 @@ BYTES_PER_PARAM_TRAINING = 16
 def dry_run_report(cfg: Config) -> dict:
     vocab = cfg.data.vocab_size  # the tokenizer is fit at prepare time; its size is this value
     with torch.device("meta"):
-        e2e = LlamaLM(cfg.model, vocab)
-        table = torch.empty(vocab, cfg.model.embed_dim)
-        blocks = [DenoiserBlock(cfg.model, vocab, n, cfg.diffusion.sigma_data, table) for n in cfg.layer_allocation()]
+        if cfg.model.family == "masked":
+            e2e = MaskedDenoiser(cfg.model, vocab, cfg.model.n_layers)
+            blocks = [MaskedDenoiser(cfg.model, vocab, n) for n in cfg.layer_allocation()]
+        else:
+            e2e = LlamaLM(cfg.model, vocab)
+            table = torch.empty(vocab, cfg.model.embed_dim)
+            blocks = [
+                DenoiserBlock(cfg.model, vocab, n, cfg.diffusion.sigma_data, table) for n in cfg.layer_allocation()
+            ]
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     e2e_params = count(e2e)
     block_params = [count(b) for b in blocks]

@@ -1,7 +1,7 @@
 """The merged model format: one safetensors file plus a manifest, self-contained (tokenizer included).
 
-    R/merged/          the B blocks: keys blocks.{b}.*, plus target_embedding
-    R/e2e/merged/      the end-to-end baseline: LlamaLM keys
+    R/merged/          the B blocks: keys blocks.{b}.*, plus target_embedding (Gaussian families)
+    R/e2e/merged/      the end-to-end baseline: the baseline model's own keys
 
 ZeRO shards (stages 1-3) are consolidated with DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`,
 only after dbscale has verified the checkpoint's marker, run id and file hashes.
@@ -71,7 +71,7 @@ def merge_run(run_dir: str | Path, e2e: bool = False, allow_unfinished: bool = F
         state.update({prefix + k: v for k, v in part.items()})
         sources["e2e" if job is None else str(job)] = source
         log(f"[merge] {'e2e' if job is None else f'block {job}'}: {source['tag']} ({len(part)} tensors)")
-    if not e2e:
+    if not e2e and "target_embedding_sha256" in run.manifest:
         state["target_embedding"] = run.load_target_embedding()
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +79,7 @@ def merge_run(run_dir: str | Path, e2e: bool = False, allow_unfinished: bool = F
     try:
         save_file(state, str(staging / MODEL_FILE))
         (staging / "tokenizer").mkdir()
-        shutil.copy2(run.root / TOKENIZER, staging / TOKENIZER)
+        shutil.copy2(run.root / run.tokenizer_file, staging / run.tokenizer_file)
         atomic_write_json(
             staging / MANIFEST_FILE,
             {
@@ -93,6 +93,7 @@ def merge_run(run_dir: str | Path, e2e: bool = False, allow_unfinished: bool = F
                 "partition": run.manifest["partition"],
                 "sources": sources,
                 "model_sha256": sha256_file(staging / MODEL_FILE),
+                "tokenizer_file": run.tokenizer_file,
                 "tokenizer_sha256": run.manifest["tokenizer_sha256"],
                 "num_parameters": int(sum(v.numel() for k, v in state.items() if k != "target_embedding")),
             },
@@ -116,8 +117,9 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu"):
     from safetensors.torch import load_file
 
     from dbscale.config import config_from_dict
-    from dbscale.data.tokenizer import Tokenizer
+    from dbscale.data.tokenizer import load_tokenizer
     from dbscale.models.llama import DiffusionBlocksLM, LlamaLM
+    from dbscale.models.masked import MaskedDiffusionLM
 
     path = Path(path)
     manifest_path = path / MANIFEST_FILE
@@ -129,7 +131,7 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu"):
     manifest = read_json(manifest_path, "merged-model manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise RunError(f"{manifest_path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}.")
-    model_path, tok_path = path / MODEL_FILE, path / TOKENIZER
+    model_path, tok_path = path / MODEL_FILE, path / manifest.get("tokenizer_file", TOKENIZER)
     for f, key in ((model_path, "model_sha256"), (tok_path, "tokenizer_sha256")):
         if not f.is_file():
             raise RunError(f"{f}: missing. Fix: merge again with tools/merge_blocks.py.")
@@ -138,7 +140,12 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu"):
     cfg = config_from_dict(manifest["config"], where=str(manifest_path))
     state = load_file(str(model_path))
     vocab = manifest["vocab_size"]
-    if manifest["kind"] == "blocks":
+    family = manifest.get("family", "llama")
+    if family == "masked":
+        model = MaskedDiffusionLM(cfg, vocab, e2e=manifest["kind"] == "e2e")
+        if manifest["kind"] == "e2e":  # the baseline's keys are one denoiser's: it is block 0 of the merged model
+            state = {f"blocks.0.{k}": v for k, v in state.items()}
+    elif manifest["kind"] == "blocks":
         model = DiffusionBlocksLM(cfg, vocab, state["target_embedding"])
     else:
         model = LlamaLM(cfg.model, vocab)
@@ -149,4 +156,4 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu"):
             f"unexpected: {result.unexpected_keys[:8]}). Fix: merge again with this dbscale version."
         )
     model.eval().to(device)
-    return model, Tokenizer(tok_path), manifest
+    return model, load_tokenizer(tok_path), manifest

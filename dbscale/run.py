@@ -37,6 +37,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer/spm.model"
+CHAR_TOKENIZER = "tokenizer/chars.json"
 TARGET_EMBEDDING = "target_embedding.safetensors"
 CALIBRATION = "calibration.json"
 
@@ -57,7 +58,25 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def uses_target_embedding(cfg: Config) -> bool:
+    """The Gaussian families denoise in the frozen target space; the masked family has none."""
+    return cfg.model.family != "masked"
+
+
 def partition_record(cfg: Config) -> dict:
+    if cfg.model.family == "masked":
+        from dbscale.diffusion.masking import TPartition
+
+        p = TPartition.from_config(cfg.diffusion)
+        return {
+            "kind": "equal_alpha",
+            "space": "t",
+            "schedule": cfg.diffusion.mask_schedule,
+            "gamma": cfg.diffusion.gamma,
+            "t_boundaries": list(p.boundaries),
+            "block_intervals": [list(iv) for iv in p.intervals],
+            "train_intervals": [list(iv) for iv in p.train_intervals],
+        }
     p = Partition.from_config(cfg.diffusion)
     return {
         "kind": cfg.diffusion.partition,
@@ -94,12 +113,24 @@ class Run:
         """blocks/b for a block job, e2e/ for the baseline."""
         return self.root / "e2e" if block is None else self.root / "blocks" / str(block)
 
+    @property
+    def tokenizer_file(self) -> str:
+        """The tokenizer's path inside the run (runs prepared before char tokenizers existed: spm.model)."""
+        return self.manifest.get("tokenizer_file", TOKENIZER)
+
+    def tokenizer(self):
+        from dbscale.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.root / self.tokenizer_file)
+
     def path(self, rel: str) -> Path:
         return self.root / rel
 
     def verify(self) -> None:
         """Check that config, tokenizer and target embedding are the files the manifest was made with."""
-        checks = {CONFIG: "config_sha256", TOKENIZER: "tokenizer_sha256", TARGET_EMBEDDING: "target_embedding_sha256"}
+        checks = {CONFIG: "config_sha256", self.tokenizer_file: "tokenizer_sha256"}
+        if "target_embedding_sha256" in self.manifest:
+            checks[TARGET_EMBEDDING] = "target_embedding_sha256"
         for rel, key in checks.items():
             path = self.root / rel
             if not path.is_file():
@@ -115,6 +146,8 @@ class Run:
     def load_target_embedding(self):
         from safetensors.torch import load_file
 
+        if "target_embedding_sha256" not in self.manifest:
+            raise RunError(f"{self.root}: a {self.config.model.family} run has no target embedding.")
         path = self.root / TARGET_EMBEDDING
         return load_file(str(path))["target_embedding"]
 
@@ -211,8 +244,8 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
     from tqdm import tqdm
 
     from dbscale.data.shards import token_dtype, write_shards
-    from dbscale.data.sources import load_documents, split_documents
-    from dbscale.data.tokenizer import Tokenizer, train_sentencepiece
+    from dbscale.data.sources import load_split_documents
+    from dbscale.data.tokenizer import CharTokenizer, load_tokenizer, train_sentencepiece
     from dbscale.models.llama import frozen_target_embedding
 
     root = Path(root)
@@ -240,26 +273,47 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
         t0 = time.time()
         atomic_write_text(staging / CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         log(f"[prepare] reading documents (source: {cfg.data.source}) ...")
-        docs = load_documents(cfg.data)
-        train_docs, val_docs = split_documents(docs, cfg.data.val_fraction, cfg.data.seed)
+        train_docs, val_docs = load_split_documents(cfg.data)
+        n_chars = sum(map(len, train_docs)) + sum(map(len, val_docs))
         log(
-            f"[prepare] {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f}M characters; "
+            f"[prepare] {len(train_docs) + len(val_docs)} documents, {n_chars / 1e6:.1f}M characters; "
             f"{len(train_docs)} train / {len(val_docs)} validation"
+            + (" (normalised text8-style)" if cfg.data.normalize == "text8" else "")
         )
 
-        if cfg.data.tokenizer_model:
+        if cfg.data.tokenizer_type == "char":
+            tok_rel = CHAR_TOKENIZER
+            tok = CharTokenizer(cfg.data.alphabet)
+            oov = tok.out_of_vocab(train_docs + val_docs)
+            if oov:
+                listing = ", ".join(f"{c!r} x{n}" for c, n in list(oov.items())[:20])
+                more = f" and {len(oov) - 20} more" if len(oov) > 20 else ""
+                summary = f"{sum(oov.values())} characters of {len(oov)} kinds outside the alphabet: {listing}{more}"
+                if cfg.data.out_of_vocab == "refuse":
+                    raise DataError(
+                        f"data: {summary}. Nothing was written. Fix: set data.normalize: text8 (lowercase, digits "
+                        "spelled out, the rest spaces), or data.out_of_vocab: map (each becomes a space), or extend "
+                        "data.alphabet."
+                    )
+                log(f"[prepare] mapping {summary} to spaces (data.out_of_vocab: map)")
+                train_docs = [tok.map_out_of_vocab(d) for d in train_docs]
+                val_docs = [tok.map_out_of_vocab(d) for d in val_docs]
+            atomic_write_text(staging / tok_rel, tok.to_json())
+        elif cfg.data.tokenizer_model:
+            tok_rel = TOKENIZER
             source = Path(cfg.data.tokenizer_model)
             if not source.is_file():
                 raise DataError(f"data.tokenizer_model: {source} does not exist.")
             log(f"[prepare] using the tokenizer {source}")
             atomic_write_bytes(staging / TOKENIZER, source.read_bytes())
         else:
+            tok_rel = TOKENIZER
             log(f"[prepare] training a {cfg.data.tokenizer_type} tokenizer, vocab {cfg.data.vocab_size} ...")
             model_bytes = train_sentencepiece(
                 train_docs, cfg.data.vocab_size, cfg.data.tokenizer_type, cfg.data.tokenizer_train_chars
             )
             atomic_write_bytes(staging / TOKENIZER, model_bytes)
-        tok = Tokenizer(staging / TOKENIZER)
+        tok = load_tokenizer(staging / tok_rel)
         if tok.vocab_size != cfg.data.vocab_size:
             raise DataError(
                 f"data.vocab_size={cfg.data.vocab_size}, but the tokenizer has {tok.vocab_size} pieces. "
@@ -272,7 +326,12 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
             bar = tqdm(total=len(split_docs), desc=f"[prepare] tokenizing {split}", unit="doc", mininterval=2.0)
             data[split] = write_shards(
-                _encoded(tok, split_docs, bar), tok.eos_id, staging / "data", split, cfg.data.shard_tokens, dtype
+                _encoded(tok, split_docs, bar),
+                tok.document_separator,
+                staging / "data",
+                split,
+                cfg.data.shard_tokens,
+                dtype,
             )
             bar.close()
         n_train = sum(r["tokens"] for r in data["train"])
@@ -285,8 +344,11 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
         per_char = n_train / sum(map(len, train_docs))
         log(f"[prepare] {n_train:,} train tokens, {n_val:,} validation tokens ({per_char:.3f} tokens/char)")
 
-        table = frozen_target_embedding(tok.vocab_size, cfg.model.embed_dim, cfg.diffusion.target_seed)
-        save_file({"target_embedding": table}, str(staging / TARGET_EMBEDDING))
+        hashes = {}
+        if uses_target_embedding(cfg):
+            table = frozen_target_embedding(tok.vocab_size, cfg.model.embed_dim, cfg.diffusion.target_seed)
+            save_file({"target_embedding": table}, str(staging / TARGET_EMBEDDING))
+            hashes["target_embedding_sha256"] = sha256_file(staging / TARGET_EMBEDDING)
 
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -301,8 +363,9 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
             "vocab_size": tok.vocab_size,
             "resolved_config_sha256": config_hash(cfg),
             "config_sha256": sha256_file(staging / CONFIG),
-            "tokenizer_sha256": sha256_file(staging / TOKENIZER),
-            "target_embedding_sha256": sha256_file(staging / TARGET_EMBEDDING),
+            "tokenizer_file": tok_rel,
+            "tokenizer_sha256": sha256_file(staging / tok_rel),
+            **hashes,
             "data": data,
         }
         atomic_write_json(staging / MANIFEST, manifest)

@@ -3,6 +3,12 @@
 python tools/generate.py --model runs/tiny/merged --prompt "The Congress" --max-new-tokens 40
 python tools/generate.py --model runs/tiny/e2e/merged --prompt-file prompts.txt --format jsonl
 python tools/generate.py --model runs/tiny/merged --heldout runs/tiny     # held-out CE / accuracy
+
+Masked family (the sampler runs from all-mask; each step is served by the block owning its t):
+python tools/generate.py --model runs/mdm/merged --num-samples 4 --steps 128            # unconditional
+python tools/generate.py --model runs/mdm/merged --prompt "the president said"          # prefix
+python tools/generate.py --model runs/mdm/merged --infill "the ____ of the union"        # '_' is filled
+python tools/generate.py --model runs/mdm/merged --bpc runs/mdm --t-samples 8            # bits per character
 """
 
 import argparse
@@ -45,6 +51,19 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--heldout", metavar="RUN", help="also report teacher-forced CE/accuracy on RUN's validation split")
     p.add_argument("--heldout-windows", type=int, default=32)
+    masked = p.add_argument_group("masked family")
+    masked.add_argument("--num-samples", type=int, default=1, help="samples per prompt (or unconditional)")
+    masked.add_argument("--length", type=int, help="characters per sample (default: model.seq_len)")
+    masked.add_argument("--steps", type=int, help="ancestral sampling steps (default: diffusion.sample_steps)")
+    masked.add_argument("--infill", action="append", default=[], help="a template whose '_' characters are filled")
+    masked.add_argument(
+        "--cached",
+        action="store_true",
+        help="reuse predictions between unchanged steps (needs a model without time conditioning)",
+    )
+    masked.add_argument("--bpc", metavar="RUN", help="bits per character on RUN's validation split")
+    masked.add_argument("--bpc-windows", type=int, default=64)
+    masked.add_argument("--t-samples", type=int, default=8, help="t samples per block and window for --bpc")
     args = p.parse_args()
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
@@ -58,6 +77,13 @@ def main() -> int:
 
     model, tokenizer, manifest = load_merged(args.model, args.device)
     label = "DiffusionBlocks" if manifest["kind"] == "blocks" else "end-to-end"
+    if manifest.get("family", "llama") == "masked":
+        return masked_main(args, model, tokenizer, manifest, label)
+    if args.infill or args.bpc or args.cached:
+        raise GenerationError(
+            f"--infill, --cached and --bpc are for the masked family; {args.model} is a "
+            f"'{manifest.get('family', 'llama')}' model."
+        )
     prompts = read_prompts(args)
     if not prompts and not args.heldout:
         raise GenerationError("nothing to do: give --prompt, --prompt-file or --heldout.")
@@ -95,6 +121,54 @@ def main() -> int:
 
             for row in chain_diagnostics(model, windows[: min(len(windows), 16)]):
                 print(json.dumps({"model": label, "chain_step": row}), flush=True)
+    return 0
+
+
+def masked_main(args, model, tokenizer, manifest, label) -> int:
+    from tqdm import tqdm
+
+    from dbscale.eval.likelihood import masked_bpc, masked_generate
+
+    jobs = [("prompt", q) for q in read_prompts(args)] + [("template", q) for q in args.infill]
+    if not jobs and not args.bpc:
+        jobs = [("unconditional", None)]
+    steps = args.steps or model.default_steps()
+    bar = tqdm(
+        total=len(jobs) * steps, desc=f"sampling ({label}, {model.num_blocks} block(s))", unit="step", file=sys.stderr
+    )
+    for kind, text in jobs:
+        results = masked_generate(
+            model,
+            tokenizer,
+            num_samples=args.num_samples,
+            length=args.length,
+            steps=steps,
+            prompt=text if kind == "prompt" else None,
+            template=text if kind == "template" else None,
+            seed=args.seed,
+            use_cache=args.cached,
+            progress=bar,
+        )
+        for r in results:
+            r["model"] = label
+            if args.format == "jsonl":
+                print(json.dumps(r), flush=True)
+            else:
+                bar.write(
+                    f"--- [{label}] {kind}, {r['steps']} steps, {r['steps_per_s']} steps/s\n{r['text']}",
+                    file=sys.stdout,
+                )
+    bar.close()
+    if args.bpc:
+        from dbscale.run import open_run
+
+        run = open_run(args.bpc)
+        if run.manifest["tokenizer_sha256"] != manifest["tokenizer_sha256"]:
+            raise GenerationError(f"--bpc {args.bpc}: that run uses another tokenizer than {args.model}.")
+        windows = run.shards("val").fixed_windows(args.bpc_windows, run.config.model.seq_len, seed=12345)
+        result = masked_bpc(model, windows, num_t=args.t_samples)
+        unit = "bpc" if run.config.data.tokenizer_type == "char" else "bits_per_token"
+        print(json.dumps({"model": label, "data": str(args.bpc), unit: result["bits_per_token"], **result}), flush=True)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Tokenized memmap shards: documents joined by EOS, cut into fixed-size uint16/uint32 files.
+"""Tokenized memmap shards: documents joined by a separator (EOS, or a space for characters), cut into
+fixed-size uint16/uint32 files.
 
 Training draws random windows (seeded by job, step and rank, so a resumed job sees the same data as an
 uninterrupted one, with no loader state to save); validation uses a fixed set of windows.
@@ -42,7 +43,7 @@ def write_shards(token_lists, eos_id: int, out_dir: Path, split: str, shard_toke
         records.append({"file": name, "tokens": int(chunk.size), "sha256": hashlib.sha256(chunk.tobytes()).hexdigest()})
 
     for ids in token_lists:
-        pending.append(np.asarray([*ids, eos_id], dtype=dtype))
+        pending.append(np.concatenate([np.asarray(ids, dtype=dtype), np.asarray([eos_id], dtype=dtype)]))
         pending_len += len(ids) + 1
         while pending_len >= shard_tokens:
             joined = np.concatenate(pending)

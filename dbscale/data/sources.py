@@ -123,6 +123,72 @@ def _hf_documents(cfg: DataConfig) -> list[str]:
     return [t for t in ds[field] if isinstance(t, str)]
 
 
+_DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_TEXT8_TABLE = {ord(c): c for c in "abcdefghijklmnopqrstuvwxyz"} | {
+    ord(str(i)): f" {w} " for i, w in enumerate(_DIGITS)
+}
+
+
+def text8_normalize(text: str) -> str:
+    """Mahoney's text8 recipe for any text: lowercase, each digit spelled out as a word, every other
+    character a space, runs of spaces collapsed to one (leading and trailing spaces dropped)."""
+    lowered = text.lower()
+    mapped = "".join(_TEXT8_TABLE.get(ord(c), " ") for c in lowered)
+    return " ".join(mapped.split())
+
+
+# text8 is 100M characters in one line; the usual split (Mikolov et al. 2012; MD4, MDLM) is by position:
+# the first 90M for training, the next 5M for validation, the last 5M for test.
+TEXT8_SPLIT = (0.90, 0.05, 0.05)
+TEXT8_HF = "afmck/text8"  # train / validation / test splits of one example each, already 90M / 5M / 5M
+
+
+def text8_split(text: str) -> tuple[str, str, str]:
+    """(train, validation, test) of a raw text8 stream by position, 90/5/5 % (exactly 90M/5M/5M on text8)."""
+    n = len(text)
+    a, b = round(n * TEXT8_SPLIT[0]), round(n * (TEXT8_SPLIT[0] + TEXT8_SPLIT[1]))
+    return text[:a], text[a:b], text[b:]
+
+
+def _text8_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """text8 as (train, validation) documents, one each. From local raw files (hf_data_files, read with HF
+    datasets' 'text' builder and joined) split by position, or from the HF hub's pre-split copy."""
+    import datasets
+
+    try:
+        if cfg.hf_data_files:
+            ds = datasets.load_dataset("text", data_files={"train": list(cfg.hf_data_files)}, split="train")
+            stream = " ".join(ds["text"])  # raw text8 is one line (starting with a space): kept byte for byte
+            train, val, _ = text8_split(stream)
+        else:
+            path = cfg.hf_path or TEXT8_HF
+            train = "".join(datasets.load_dataset(path, split="train")[cfg.text_field])
+            val = "".join(datasets.load_dataset(path, split="validation")[cfg.text_field])
+    except Exception as e:
+        raise DataError(
+            f"data: could not load text8 ({'files ' + str(cfg.hf_data_files) if cfg.hf_data_files else TEXT8_HF}): "
+            f"{type(e).__name__}: {str(e)[:300]}. Fix: point data.hf_data_files at a local copy of the raw "
+            "text8 file (one line of 100M characters)."
+        ) from None
+    if not train.strip() or not val.strip():
+        raise DataError("data: the text8 source gave an empty train or validation split. Fix: check the file.")
+    return [train], [val]
+
+
+def load_split_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """(train, validation) documents of the configured source, normalised as `data.normalize` says."""
+    if cfg.source == "text8":
+        train, val = _text8_documents(cfg)
+    else:
+        train, val = split_documents(load_documents(cfg), cfg.val_fraction, cfg.seed)
+    if cfg.normalize == "text8":
+        train, val = [text8_normalize(d) for d in train], [text8_normalize(d) for d in val]
+        train, val = [d for d in train if d], [d for d in val if d]
+        if not train or not val:
+            raise DataError("data.normalize: text8 normalisation left no text in the train or validation split.")
+    return train, val
+
+
 def load_documents(cfg: DataConfig) -> list[str]:
     """All documents of the configured source (non-empty ones only)."""
     if cfg.source == "sotu":

@@ -1,4 +1,4 @@
-"""Sentencepiece tokenizers: trained in-process on the run's training documents, stored in the run."""
+"""Tokenizers stored in the run: sentencepiece models fit on the training documents, or a fixed character set."""
 
 from __future__ import annotations
 
@@ -82,6 +82,10 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self.sp.eos_id()
 
+    @property
+    def document_separator(self) -> int:
+        return self.sp.eos_id()
+
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
@@ -90,3 +94,96 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
+
+
+class CharTokenizer:
+    """One id per character of a fixed alphabet (text8: space + a-z = 27 ids). Stored as tokenizer/chars.json.
+
+    Documents are joined by a space (text8 is one stream of words); there is no EOS. Characters outside the
+    alphabet are refused by `check_text` (listed with counts) or mapped to a space, as data.out_of_vocab says.
+    """
+
+    FILE = "chars.json"
+
+    def __init__(self, alphabet: str):
+        if not alphabet or len(set(alphabet)) != len(alphabet):
+            raise DataError(f"char tokenizer: alphabet {alphabet!r} must be non-empty without repeats.")
+        self.alphabet = alphabet
+        self.index = {c: i for i, c in enumerate(alphabet)}
+        self.space_id = self.index.get(" ", 0)
+        self._ascii_lut = None
+        if alphabet.isascii():
+            import numpy as np
+
+            self._ascii_lut = np.full(128, -1, dtype=np.int64)
+            self._ascii_lut[[ord(c) for c in alphabet]] = np.arange(len(alphabet))
+
+    @classmethod
+    def load(cls, path: str | Path) -> CharTokenizer:
+        import json
+
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: tokenizer file missing. Fix: re-create the run with tools/prepare.py.")
+        try:
+            data = json.loads(path.read_text())
+            return cls(data["alphabet"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f'{path}: not a dbscale char tokenizer (expected {{"alphabet": ...}}).') from None
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps({"kind": "char", "alphabet": self.alphabet})
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.alphabet)
+
+    @property
+    def eos_id(self) -> None:
+        return None
+
+    @property
+    def document_separator(self) -> int:
+        return self.space_id
+
+    def out_of_vocab(self, texts) -> dict[str, int]:
+        """{character: count} of every character outside the alphabet."""
+        from collections import Counter
+
+        counts: Counter = Counter()
+        for text in texts:
+            counts.update(c for c in text if c not in self.index)
+        return dict(counts.most_common())
+
+    def map_out_of_vocab(self, text: str) -> str:
+        return "".join(c if c in self.index else " " for c in text)
+
+    def encode(self, text: str):
+        """Ids of `text` as a numpy array (a 90M-character text8 split stays a compact array)."""
+        import numpy as np
+
+        if self._ascii_lut is not None and text.isascii():
+            ids = self._ascii_lut[np.frombuffer(text.encode("ascii"), dtype=np.uint8)]
+            if (ids >= 0).all():
+                return ids
+        try:
+            return np.fromiter((self.index[c] for c in text), dtype=np.int64, count=len(text))
+        except KeyError as e:
+            raise DataError(
+                f"char tokenizer: character {e.args[0]!r} is not in the alphabet {self.alphabet!r}. Fix: set "
+                "data.out_of_vocab: map, or data.normalize: text8, or extend data.alphabet."
+            ) from None
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        return "".join(self.alphabet[int(i)] for i in ids)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer stored at `path`: a sentencepiece .model or a char tokenizer's chars.json."""
+    path = Path(path)
+    return CharTokenizer.load(path) if path.suffix == ".json" else Tokenizer(path)

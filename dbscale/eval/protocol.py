@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from dbscale.errors import GenerationError
 from dbscale.eval.features import Featurizer, FeaturizerError, mauve_score
+from dbscale.eval.likelihood import require_family
 from dbscale.generate import generate_ids, heldout_metrics
 
 
@@ -124,6 +125,12 @@ def evaluate(
     from dbscale.run import open_run
 
     run = open_run(run_dir)
+    if run.config.model.family != "llama":
+        raise GenerationError(
+            f"{run_dir}: the MAUVE protocol of tools/evaluate.py samples continuations token by token (the 'llama' "
+            f"family); this run is of the '{run.config.model.family}' family. Fix: for the masked family use "
+            "tools/generate.py --bpc and bench/masked.py."
+        )
     prompts, references = heldout_prompts(run, s)
     featurizer = Featurizer(s.featurizer)
     judge_model, judge_name = None, None
@@ -146,6 +153,7 @@ def evaluate(
     for model_dir in model_dirs:
         t0 = time.time()
         model, tok, manifest = load_merged(model_dir)
+        require_family(manifest, "llama", f"tools/evaluate.py ({model_dir})")
         if manifest["tokenizer_sha256"] != run.manifest["tokenizer_sha256"]:
             raise GenerationError(f"{model_dir}: uses another tokenizer than the run {run.root}.")
         label = "DiffusionBlocks" if manifest["kind"] == "blocks" else "end-to-end"

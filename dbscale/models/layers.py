@@ -95,8 +95,12 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Grouped-query attention with RoPE. Without an explicit mask it is causal, or bidirectional when built
+    with causal=False (the masked family: every position sees the whole partially masked sequence)."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool = True):
         super().__init__()
+        self.causal = causal
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         d = cfg.d_model
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
@@ -114,7 +118,7 @@ class Attention(nn.Module):
         layer_index: int = 0,
         num_cacheable: int = 0,
     ) -> torch.Tensor:
-        """x: (B, T, d). mask: (T, T_cached + T) bool, or None for plain causal attention without cache.
+        """x: (B, T, d). mask: (T, T_cached + T) bool, or None for plain causal (or bidirectional) attention.
         The first `num_cacheable` new tokens are appended to `cache` after use."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -131,7 +135,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
@@ -176,11 +180,11 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class TransformerLayer(nn.Module):
     """Pre-norm Llama layer; with `adaln=True`, DiT's adaLN-Zero modulation from a conditioning vector."""
 
-    def __init__(self, cfg: ModelConfig, adaln: bool = False):
+    def __init__(self, cfg: ModelConfig, adaln: bool = False, causal: bool = True):
         super().__init__()
         d = cfg.d_model
         self.input_layernorm = RMSNorm(d, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, causal)
         self.post_attention_layernorm = RMSNorm(d, cfg.norm_eps)
         self.mlp = SwiGLU(d, cfg.ffn_dim)
         self.adaLN_modulation = nn.Linear(d, 6 * d) if adaln else None

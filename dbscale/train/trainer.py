@@ -17,10 +17,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from dbscale.diffusion.masking import schedule_from_config, stratified_times
 from dbscale.diffusion.noise import sample_truncated_lognormal
 from dbscale.errors import CheckpointError, DbscaleError, RunError
 from dbscale.hf import load_init_weights
 from dbscale.models.llama import DenoiserBlock, LlamaLM, denoiser_loss, lm_loss
+from dbscale.models.masked import MaskedDenoiser, masked_elbo_terms
 from dbscale.run import Run
 from dbscale.train import checkpoint as ckpt
 from dbscale.train.deepspeed_config import deepspeed_config, lr_lambda
@@ -58,7 +60,14 @@ class Trainer:
     def _build(self, deepspeed) -> None:
         run, block, cfg, world_size, rank = self.run, self.block, self.cfg, self.world, self.rank
         torch.manual_seed(_seed(cfg.train.seed, self.job_id, 17))  # same init on every rank
-        if block is None:
+        self.masked = cfg.model.family == "masked"
+        self.window_len = cfg.model.seq_len if self.masked else cfg.model.seq_len + 1
+        if self.masked:  # a block owns its slice of t; the baseline is the same denoiser over all of [0, 1]
+            n_layers = cfg.model.n_layers if block is None else cfg.layer_allocation()[block]
+            model = MaskedDenoiser(cfg.model, run.vocab_size, n_layers)
+            lo, hi = (0.0, 1.0) if block is None else run.manifest["partition"]["train_intervals"][block]
+            self.interval, self.schedule = (lo, hi), schedule_from_config(cfg.diffusion)
+        elif block is None:
             model = LlamaLM(cfg.model, run.vocab_size)
         else:
             n_layers = cfg.layer_allocation()[block]
@@ -83,7 +92,7 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train)),
         )
         self.device = self.engine.device
-        if block is not None:
+        if block is not None and not self.masked:
             self.target_embedding = table.to(self.device)
         self.train_shards = run.shards("train")
         self.val_shards = run.shards("val")
@@ -110,7 +119,7 @@ class Trainer:
     def _batch(self, step: int, micro: int, validation: bool = False):
         """(window, sigma, noise) of one micro-batch, a pure function of (seed, step, rank, micro)."""
         t, mb = self.cfg.train, self.cfg.train.micro_batch
-        length = self.cfg.model.seq_len + 1
+        length = self.window_len
         if validation:
             windows = self._val_windows[micro * mb : (micro + 1) * mb]
         else:  # the same data stream for every job of the run: blocks and baseline see the same windows
@@ -119,12 +128,17 @@ class Trainer:
             rng = np.random.default_rng(_seed(t.seed, step, 0, self._global_micro(micro), 1))
             windows = self.train_shards.random_windows(rng, mb, length)
         window = torch.from_numpy(windows).to(self.device)
-        if self.block is None:
+        if self.block is None and not self.masked:
             return window, None, None
         d = self.cfg.diffusion
         index = micro if validation else self._global_micro(micro)
         noise_seed = _seed(t.seed, self.job_id, step, 0, index, 2 if not validation else 3)
         g = torch.Generator().manual_seed(noise_seed)
+        if self.masked:  # t stratified across the micro-batch within the slice; u decides which tokens are masked
+            times = stratified_times(len(windows), *self.interval, generator=g)
+            g_dev = torch.Generator(device=self.device).manual_seed(noise_seed)
+            u = torch.rand(window.shape, generator=g_dev, device=self.device)
+            return window, times.to(self.device), u
         sigma = sample_truncated_lognormal(len(windows), *self.interval, d.P_mean, d.P_std, generator=g)
         g_dev = torch.Generator(device=self.device).manual_seed(noise_seed)  # noise is drawn where it is used
         shape = (len(windows), length - 1, self.cfg.model.embed_dim)
@@ -135,6 +149,20 @@ class Trainer:
         return self.rank * self.cfg.train.grad_accum + micro
 
     def _loss(self, window, sigma, noise):
+        if self.masked:  # (sigma, noise) are (t, u) here
+            lo, hi = self.interval
+            nelbo, masked_ce = masked_elbo_terms(
+                self.engine,
+                window,
+                sigma,
+                noise,
+                self.schedule,
+                hi - lo,
+                self.cfg.diffusion.t_min,
+                self.run.vocab_size,
+                self.cfg.train.ce_chunk,
+            )
+            return nelbo.mean(), masked_ce
         if self.block is None:
             loss = lm_loss(self.engine, window, self.cfg.train.ce_chunk)
             return loss, loss.detach().expand(window.shape[0])
@@ -282,7 +310,7 @@ class Trainer:
     def train(self) -> dict:
         t = self.cfg.train
         start = self.resume()
-        self._val_windows = self.val_shards.fixed_windows(t.val_batches * t.micro_batch, self.cfg.model.seq_len + 1)
+        self._val_windows = self.val_shards.fixed_windows(t.val_batches * t.micro_batch, self.window_len)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle_signal)
         tokens_per_step = t.micro_batch * t.grad_accum * self.world * self.cfg.model.seq_len
