@@ -34,7 +34,37 @@ def _plt():
     return plt
 
 
+def masked_partition_figure(run: Run, path: Path) -> None:
+    """alpha(t) with each block's t-slice shaded (equal decrements of alpha), overlap hatched."""
+    from dbscale.diffusion.masking import schedule_from_config
+
+    plt = _plt()
+    part = run.manifest["partition"]
+    schedule = schedule_from_config(run.config.diffusion)
+    t = np.linspace(0, 1, 600)
+    alpha = np.array([schedule.alpha(float(x)) for x in t])
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.plot(t, alpha, color="black", lw=1.5, label=f"alpha(t), {part['schedule']} schedule")
+    for b, ((lo, hi), (tlo, thi)) in enumerate(zip(part["block_intervals"], part["train_intervals"], strict=True)):
+        c = COLORS[b % len(COLORS)]
+        m = (t >= lo) & (t <= hi)
+        ax.fill_between(t[m], alpha[m], color=c, alpha=0.45, label=f"block {b}: t in [{lo:.3g}, {hi:.3g}]")
+        for a, z in ((tlo, lo), (hi, thi)):
+            if z > a:
+                m = (t >= a) & (t <= z)
+                ax.fill_between(t[m], alpha[m], color=c, alpha=0.15, hatch="///", lw=0)
+    ax.set_xlabel("masking time t")
+    ax.set_ylabel("alpha(t) = P(unmasked)")
+    ax.set_title(f"equal-alpha partition, B={len(part['block_intervals'])}, gamma={part['gamma']} (hatched: overlap)")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def partition_figure(run: Run, path: Path) -> None:
+    if run.config.model.family == "masked":
+        return masked_partition_figure(run, path)
     plt = _plt()
     d = run.config.diffusion
     part = run.manifest["partition"]
@@ -182,7 +212,8 @@ def write_report(run_dir: str | Path, evaluation_path: str | Path | None = None)
         throughput_figure(rows, staging / "throughput.png")
         if evaluation is not None:
             (staging / "eval.json").write_text(json.dumps(evaluation, indent=2))
-        (staging / "index.html").write_text(_html(run, format_table(rows), evaluation))
+        space = "t" if run.config.model.family == "masked" else "sigma"
+        (staging / "index.html").write_text(_html(run, format_table(rows, space), evaluation))
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

@@ -61,12 +61,14 @@ def run_status(root) -> list[dict]:
     return [job_status(run, b) for b in range(run.num_blocks)] + [job_status(run, None)]
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], space: str = "sigma") -> str:
+    """The status table; `space` names what the intervals are in ('sigma', or 't' for the masked family)."""
+
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
     header = (
-        f"{'job':8} {'sigma interval':>17} {'state':>18} {'step':>11} {'loss':>9} {'val_loss':>9} {'val_ce':>7} "
+        f"{'job':8} {space + ' interval':>17} {'state':>18} {'step':>11} {'loss':>9} {'val_loss':>9} {'val_ce':>7} "
         f"{'tok/s':>7} {'peak MiB':>8} {'params':>8} {'wall s':>7}  checkpoint"
     )
     lines = [header, "-" * len(header)]

@@ -14,14 +14,16 @@ def main() -> int:
     p.add_argument("--run", required=True)
     p.add_argument("--json", action="store_true", help="one JSON object per job instead of a table")
     args = p.parse_args()
+    from dbscale.run import open_run
     from dbscale.status import format_table, run_status
 
     rows = run_status(args.run)
+    space = "t" if open_run(args.run, verify=False).config.model.family == "masked" else "sigma"
     if args.json:
         for row in rows:
             print(json.dumps(row))
     else:
-        print(format_table(rows))
+        print(format_table(rows, space))
     return 0
 
 
