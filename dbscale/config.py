@@ -34,8 +34,9 @@ def _field(default: Any, help: str, **kw) -> Any:
 class ModelConfig:
     family: str = _field(
         "llama",
-        "Model family: 'llama' (autoregressive LM, blocks over the Gaussian noise of token embeddings) or "
-        "'masked' (masked diffusion LM, MD4/MDLM style, blocks over the masking time t).",
+        "Model family: 'llama' (autoregressive LM, blocks over the Gaussian noise of token embeddings), "
+        "'masked' (masked diffusion LM, MD4/MDLM style, blocks over the masking time t) or 'huginn' "
+        "(recurrent depth: the baseline iterates a core with truncated BPTT; a block is a sigma-conditioned core).",
     )
     n_layers: int = _field(12, "Total transformer layers L of the full network (split among the blocks).")
     d_model: int = _field(768, "Hidden width d.")
@@ -69,6 +70,17 @@ class ModelConfig:
         "Masked family: condition every layer on t through AdaLN (true), or not at all (false, MDLM's finding "
         "for SUBS; it makes the cached sampler valid). The Llama family is always noise-conditioned.",
     )
+
+    prelude_layers: int = _field(2, "Huginn: layers of the prelude (run once per token).")
+    core_layers: int = _field(4, "Huginn: layers of the recurrent core (iterated r times, or one Euler step).")
+    coda_layers: int = _field(2, "Huginn: layers of the coda; prelude + core + coda must equal n_layers.")
+    mean_recurrence: int = _field(32, "Huginn baseline: mean number of core iterations r during training.")
+    recurrence_std: float = _field(
+        0.5, "Huginn baseline: r = 1 + Poisson(exp(tau)), tau ~ N(ln(mean_recurrence) - std^2/2, std^2)."
+    )
+    bptt_steps: int = _field(8, "Huginn baseline: backpropagate through the last k core iterations (all when r < k).")
+    state_init_std: float = _field(1.0, "Huginn baseline: std of the random initial recurrent state.")
+    eval_recurrence: int | None = _field(None, "Huginn baseline: core iterations at inference; null = mean_recurrence.")
 
     @property
     def head_dim(self) -> int:
@@ -214,7 +226,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def layer_allocation(self) -> list[int]:
-        """Layers owned by each block, block 0 (highest noise, next to the input) first."""
+        """Layers owned by each block, block 0 (highest noise, next to the input) first. A Huginn block is a
+        whole prelude + core + coda, so each owns n_layers."""
+        if self.model.family == "huginn":
+            return [self.model.n_layers] * self.diffusion.num_blocks
         if self.diffusion.layers_per_block is not None:
             return list(self.diffusion.layers_per_block)
         B = self.diffusion.num_blocks
@@ -229,7 +244,7 @@ class Config:
 
 _SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
 _CHOICES = {
-    "model.family": ("llama", "masked"),
+    "model.family": ("llama", "masked", "huginn"),
     "model.head": ("learned", "target"),
     "model.context_embedding": ("learned", "target"),
     "diffusion.partition": ("equiprobable", "uniform", "calibrated"),
@@ -432,7 +447,24 @@ def validate(cfg: Config, where: str = "<config>") -> None:
 
     if d.num_blocks < 1:
         fail("diffusion.num_blocks", f"must be >= 1, got {d.num_blocks}.")
-    if d.layers_per_block is None:
+    if m.family == "huginn":
+        parts = (m.prelude_layers, m.core_layers, m.coda_layers)
+        if min(parts) < 1 or sum(parts) != m.n_layers:
+            fail(
+                "model.n_layers",
+                f"a Huginn model is prelude + core + coda = {parts[0]} + {parts[1]} + {parts[2]} layers, but "
+                f"n_layers={m.n_layers}. Fix: set model.n_layers: {sum(parts)} (every part needs >= 1 layer).",
+            )
+        for key in ("mean_recurrence", "bptt_steps"):
+            if getattr(m, key) < 1:
+                fail(f"model.{key}", f"must be >= 1, got {getattr(m, key)}.")
+        if m.eval_recurrence is not None and m.eval_recurrence < 1:
+            fail("model.eval_recurrence", f"must be >= 1 or null, got {m.eval_recurrence}.")
+        if m.recurrence_std < 0 or m.state_init_std <= 0:
+            fail("model.recurrence_std", "recurrence_std must be >= 0 and state_init_std > 0.")
+        if d.layers_per_block is not None:
+            fail("diffusion.layers_per_block", "a Huginn block is a whole prelude + core + coda; remove it.")
+    elif d.layers_per_block is None:
         if m.n_layers % d.num_blocks:
             fail(
                 "diffusion.num_blocks",

@@ -16,7 +16,13 @@ BYTES_PER_PARAM_TRAINING = 16
 def dry_run_report(cfg: Config) -> dict:
     vocab = cfg.data.vocab_size  # the tokenizer is fit at prepare time; its size is this value
     with torch.device("meta"):
-        if cfg.model.family == "masked":
+        if cfg.model.family == "huginn":
+            from dbscale.models.huginn import HuginnDenoiser, HuginnLM
+
+            e2e = HuginnLM(cfg.model, vocab)
+            table = torch.empty(vocab, cfg.model.embed_dim)
+            blocks = [HuginnDenoiser(cfg.model, vocab, cfg.diffusion.sigma_data, table) for _ in cfg.layer_allocation()]
+        elif cfg.model.family == "masked":
             e2e = MaskedDenoiser(cfg.model, vocab, cfg.model.n_layers)
             blocks = [MaskedDenoiser(cfg.model, vocab, n) for n in cfg.layer_allocation()]
         else:

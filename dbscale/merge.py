@@ -112,8 +112,9 @@ def merge_run(run_dir: str | Path, e2e: bool = False, allow_unfinished: bool = F
     return out
 
 
-def load_merged(path: str | Path, device: str | torch.device = "cpu"):
-    """Load a merged model. Returns (model, tokenizer, manifest). Verifies hashes; safetensors only."""
+def load_merged(path: str | Path, device: str | torch.device = "cpu", family: str | None = None):
+    """Load a merged model. Returns (model, tokenizer, manifest). Verifies hashes; safetensors only.
+    With `family`, refuses a model of another family with a message naming both."""
     from safetensors.torch import load_file
 
     from dbscale.config import config_from_dict
@@ -137,6 +138,12 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu"):
             raise RunError(f"{f}: missing. Fix: merge again with tools/merge_blocks.py.")
         if sha256_file(f) != manifest[key]:
             raise RunError(f"{f}: sha256 differs from {manifest_path} (damaged or replaced). Fix: merge again.")
+    got = manifest.get("family", "llama")
+    if family is not None and got != family:
+        raise RunError(
+            f"{path}: a merged '{got}' model, but a '{family}' model is needed here (its sampler and weights differ). "
+            f"Fix: use this model with the {got} family's tools, or pass a {family} model."
+        )
     cfg = config_from_dict(manifest["config"], where=str(manifest_path))
     state = load_file(str(model_path))
     vocab = manifest["vocab_size"]
@@ -145,6 +152,13 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu"):
         model = MaskedDiffusionLM(cfg, vocab, e2e=manifest["kind"] == "e2e")
         if manifest["kind"] == "e2e":  # the baseline's keys are one denoiser's: it is block 0 of the merged model
             state = {f"blocks.0.{k}": v for k, v in state.items()}
+    elif family == "huginn":
+        from dbscale.models.huginn import HuginnDiffusionLM, HuginnLM
+
+        if manifest["kind"] == "blocks":
+            model = HuginnDiffusionLM(cfg, vocab, state["target_embedding"])
+        else:
+            model = HuginnLM(cfg.model, vocab)
     elif manifest["kind"] == "blocks":
         model = DiffusionBlocksLM(cfg, vocab, state["target_embedding"])
     else:

@@ -125,11 +125,11 @@ def evaluate(
     from dbscale.run import open_run
 
     run = open_run(run_dir)
-    if run.config.model.family != "llama":
+    if run.config.model.family == "masked":
         raise GenerationError(
             f"{run_dir}: the MAUVE protocol of tools/evaluate.py samples continuations token by token (the 'llama' "
-            f"family); this run is of the '{run.config.model.family}' family. Fix: for the masked family use "
-            "tools/generate.py --bpc and bench/masked.py."
+            "and 'huginn' families); this run is of the 'masked' family. Fix: use tools/generate.py --bpc and "
+            "bench/masked.py."
         )
     prompts, references = heldout_prompts(run, s)
     featurizer = Featurizer(s.featurizer)
@@ -153,7 +153,7 @@ def evaluate(
     for model_dir in model_dirs:
         t0 = time.time()
         model, tok, manifest = load_merged(model_dir)
-        require_family(manifest, "llama", f"tools/evaluate.py ({model_dir})")
+        require_family(manifest, run.config.model.family, f"tools/evaluate.py on {run.root} ({model_dir})")
         if manifest["tokenizer_sha256"] != run.manifest["tokenizer_sha256"]:
             raise GenerationError(f"{model_dir}: uses another tokenizer than the run {run.root}.")
         label = "DiffusionBlocks" if manifest["kind"] == "blocks" else "end-to-end"

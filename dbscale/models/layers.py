@@ -178,9 +178,11 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm Llama layer; with `adaln=True`, DiT's adaLN-Zero modulation from a conditioning vector."""
+    """Pre-norm Llama layer; with `adaln=True`, DiT's adaLN-Zero modulation from a conditioning vector;
+    with `sandwich=True`, Huginn's sandwich norm (an extra RMSNorm on the attention and MLP outputs before
+    they join the residual stream, which keeps a state iterated many times bounded)."""
 
-    def __init__(self, cfg: ModelConfig, adaln: bool = False, causal: bool = True):
+    def __init__(self, cfg: ModelConfig, adaln: bool = False, causal: bool = True, sandwich: bool = False):
         super().__init__()
         d = cfg.d_model
         self.input_layernorm = RMSNorm(d, cfg.norm_eps)
@@ -188,18 +190,27 @@ class TransformerLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(d, cfg.norm_eps)
         self.mlp = SwiGLU(d, cfg.ffn_dim)
         self.adaLN_modulation = nn.Linear(d, 6 * d) if adaln else None
+        if sandwich:
+            self.attn_out_norm = RMSNorm(d, cfg.norm_eps)
+            self.mlp_out_norm = RMSNorm(d, cfg.norm_eps)
+        else:
+            self.attn_out_norm = self.mlp_out_norm = None
+
+    def _out(self, norm, h):
+        return h if norm is None else norm(h)
 
     def forward(self, x, cos, sin, mask, cond=None, cache=None, layer_index=0, num_cacheable=0):
         if self.adaLN_modulation is None:
             h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_index, num_cacheable)
-            x = x + h
-            return x + self.mlp(self.post_attention_layernorm(x))
+            x = x + self._out(self.attn_out_norm, h)
+            return x + self._out(self.mlp_out_norm, self.mlp(self.post_attention_layernorm(x)))
         mods = self.adaLN_modulation(F.silu(cond))[:, None, :].chunk(6, dim=-1)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
         h = modulate(self.input_layernorm(x), shift_a, scale_a)
-        x = x + gate_a * self.self_attn(h, cos, sin, mask, cache, layer_index, num_cacheable)
+        h = self.self_attn(h, cos, sin, mask, cache, layer_index, num_cacheable)
+        x = x + gate_a * self._out(self.attn_out_norm, h)
         h = modulate(self.post_attention_layernorm(x), shift_m, scale_m)
-        return x + gate_m * self.mlp(h)
+        return x + gate_m * self._out(self.mlp_out_norm, self.mlp(h))
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -117,9 +117,13 @@ class DenoiserBlock(nn.Module):
         n_layers: int,
         sigma_data: float,
         target_embedding: torch.Tensor | None = None,
+        context_features: bool = False,
+        sandwich: bool = False,
     ):
         super().__init__()
         self.cfg, self.vocab_size, self.sigma_data = cfg, vocab_size, sigma_data
+        # context_features: the caller passes the clean context as (B, Tc, d) features (Huginn's prelude output)
+        self.context_features = context_features
         d, e = cfg.d_model, cfg.embed_dim
         if "target" in (cfg.head, cfg.context_embedding):
             if target_embedding is None or tuple(target_embedding.shape) != (vocab_size, e):
@@ -128,13 +132,15 @@ class DenoiserBlock(nn.Module):
             self.register_buffer("target_table", target_embedding, persistent=False)
         else:
             self.target_table = None
-        if cfg.context_embedding == "learned":
+        if context_features:
+            pass
+        elif cfg.context_embedding == "learned":
             self.embed_tokens = nn.Embedding(vocab_size, d)  # the clean context
         else:
             self.ctx_proj = nn.Linear(e, d, bias=False)  # the clean context, read from the frozen table
         self.in_proj = nn.Linear(e, d, bias=False)  # c_in * z_sigma -> hidden
         self.time_embed = TimestepEmbedder(d, cfg.time_freq_dim)
-        self.layers = nn.ModuleList(TransformerLayer(cfg, adaln=True) for _ in range(n_layers))
+        self.layers = nn.ModuleList(TransformerLayer(cfg, adaln=True, sandwich=sandwich) for _ in range(n_layers))
         self.out_proj = nn.Linear(d, e, bias=False)  # F: hidden -> target space
         self.norm = RMSNorm(e, cfg.norm_eps)
         self.final_adaLN = nn.Linear(d, 2 * e)
@@ -150,6 +156,8 @@ class DenoiserBlock(nn.Module):
             nn.init.zeros_(self.lm_head.weight)
 
     def embed_context(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.context_features:
+            return tokens  # already features
         if self.cfg.context_embedding == "learned":
             return self.embed_tokens(tokens)
         return self.ctx_proj(self.target_table[tokens].to(self.ctx_proj.weight.dtype))
@@ -165,13 +173,14 @@ class DenoiserBlock(nn.Module):
         targets: torch.Tensor | None = None,
         ce_chunk: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """clean_tokens: (B, Tc) ids, z: (B, Tn, e) noisy targets, sigma: (B,).
+        """clean_tokens: (B, Tc) ids (or (B, Tc, d) features with context_features), z: (B, Tn, e) noisy
+        targets, sigma: (B,).
 
         Default positions are the training layout (clean 0..Tc-1, noisy 1..Tn). With a cache, the clean
         tokens are appended to it (noisy ones never are). Returns D (B, Tn, e) in fp32 and logits (B, Tn, V),
         or with targets (B, Tn) the per-token cross-entropy (B, Tn) in place of the logits.
         """
-        B, Tc = clean_tokens.shape
+        B, Tc = clean_tokens.shape[:2]
         Tn = z.shape[1]
         dev = z.device
         if clean_pos is None:
@@ -242,15 +251,26 @@ class DiffusionBlocksLM(nn.Module):
         self.cfg, self.vocab_size = cfg, vocab_size
         d = cfg.diffusion
         self.blocks = nn.ModuleList(
-            DenoiserBlock(cfg.model, vocab_size, n, d.sigma_data, target_embedding.float())
-            for n in cfg.layer_allocation()
+            self.make_block(cfg, vocab_size, n, target_embedding.float()) for n in cfg.layer_allocation()
         )
         self.register_buffer("target_embedding", target_embedding.float(), persistent=True)
-        self.sigmas = config_step_sigmas(d)
+        self.sigmas = config_step_sigmas(d, self.default_steps(cfg))
         self.step_blocks = steps_to_blocks(len(self.sigmas), d.num_blocks)
+
+    @staticmethod
+    def make_block(cfg: Config, vocab_size: int, n_layers: int, table: torch.Tensor) -> nn.Module:
+        return DenoiserBlock(cfg.model, vocab_size, n_layers, cfg.diffusion.sigma_data, table)
+
+    @staticmethod
+    def default_steps(cfg: Config) -> int | None:
+        return None  # one Euler step per block (diffusion.sample_steps overrides)
 
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.sigmas]  # one per step: each step runs at one fixed sigma
+
+    def context_inputs(self, cache, new_tokens: torch.Tensor, clean_pos: torch.Tensor) -> list[torch.Tensor]:
+        """What each block reads for the new clean tokens (their ids here; Huginn runs its preludes once)."""
+        return [new_tokens] * len(self.blocks)
 
     def start_noise(self, seed: int, position: int) -> torch.Tensor:
         """The chain's starting state for one position, (1, 1, e) ~ N(0, sigma_max^2), seeded by position."""
@@ -270,10 +290,11 @@ class DiffusionBlocksLM(nn.Module):
         clean_pos = torch.arange(start, start + n, device=dev)
         noisy_pos = torch.tensor([start + n], device=dev)
         z = self.start_noise(seed, start + n).to(dev)
+        context = self.context_inputs(cache, new_tokens, clean_pos)
 
         def denoise(step: int, block: int, z: torch.Tensor, sigma: float):
             s = torch.full((1,), sigma, device=dev)
-            _, logits = self.blocks[block](new_tokens, z, s, clean_pos, noisy_pos, cache[step])
+            _, logits = self.blocks[block](context[block], z, s, clean_pos, noisy_pos, cache[step])
             estimate = logits.float().softmax(-1) @ self.target_embedding  # E[y | z], METHOD.md 4
             return estimate, logits
 

@@ -21,6 +21,7 @@ from dbscale.diffusion.masking import schedule_from_config, stratified_times
 from dbscale.diffusion.noise import sample_truncated_lognormal
 from dbscale.errors import CheckpointError, DbscaleError, RunError
 from dbscale.hf import load_init_weights
+from dbscale.models.huginn import HuginnDenoiser, HuginnLM, sample_recurrence
 from dbscale.models.llama import DenoiserBlock, LlamaLM, denoiser_loss, lm_loss
 from dbscale.models.masked import MaskedDenoiser, masked_elbo_terms
 from dbscale.run import Run
@@ -67,15 +68,22 @@ class Trainer:
             model = MaskedDenoiser(cfg.model, run.vocab_size, n_layers)
             lo, hi = (0.0, 1.0) if block is None else run.manifest["partition"]["train_intervals"][block]
             self.interval, self.schedule = (lo, hi), schedule_from_config(cfg.diffusion)
+        elif cfg.model.family == "huginn" and block is None:
+            model = HuginnLM(cfg.model, run.vocab_size)
         elif block is None:
             model = LlamaLM(cfg.model, run.vocab_size)
         else:
             n_layers = cfg.layer_allocation()[block]
             table = run.load_target_embedding()  # one copy: the noisy targets, and the head/context if they read it
             reads_table = "target" in (cfg.model.head, cfg.model.context_embedding)
-            model = DenoiserBlock(
-                cfg.model, run.vocab_size, n_layers, cfg.diffusion.sigma_data, table if reads_table else None
-            )
+            if cfg.model.family == "huginn":
+                model = HuginnDenoiser(
+                    cfg.model, run.vocab_size, cfg.diffusion.sigma_data, table if reads_table else None
+                )
+            else:
+                model = DenoiserBlock(
+                    cfg.model, run.vocab_size, n_layers, cfg.diffusion.sigma_data, table if reads_table else None
+                )
             self.interval = tuple(run.manifest["partition"]["train_intervals"][block])
         model.activation_checkpointing = cfg.train.activation_checkpointing
         init = load_init_weights(run, block)  # imported weights (tools/import_hf.py); a checkpoint overrides them
@@ -164,6 +172,14 @@ class Trainer:
             )
             return nelbo.mean(), masked_ce
         if self.block is None:
+            if isinstance(self.engine.module, HuginnLM) and self.engine.module.training:
+                m = self.cfg.model  # r and the initial state: functions of (seed, step), the same on every rank
+                step = self._step_for_recurrence
+                r = sample_recurrence(
+                    np.random.default_rng(_seed(self.cfg.train.seed, step, 4)), m.mean_recurrence, m.recurrence_std
+                )
+                self.engine.module.recurrence = (r, m.bptt_steps, _seed(self.cfg.train.seed, step, self.rank, 5))
+                self.last_recurrence = r
             loss = lm_loss(self.engine, window, self.cfg.train.ce_chunk)
             return loss, loss.detach().expand(window.shape[0])
         d = self.cfg.diffusion
@@ -346,6 +362,7 @@ class Trainer:
             step_t0 = time.time()
             losses, ces = [], []
             for micro in range(t.grad_accum):
+                self._step_for_recurrence = step * t.grad_accum + micro
                 window, sigma, noise = self._batch(step, micro)
                 loss, ce = self._loss(window, sigma, noise)
                 if self._agree(not torch.isfinite(loss).item()):  # before backward: the weights stay as they are

@@ -1,0 +1,230 @@
+"""The Huginn family (METHOD.md 7c): recurrent depth, trained with truncated BPTT or as a DiffusionBlocks core.
+
+- `HuginnLM` (baseline, after Geiping et al. 2025): prelude -> core iterated r times -> coda, all sandwich-norm
+  causal layers of `models/layers.py`. The state starts as Gaussian noise; each iteration feeds the core
+  adapter([state; prelude output]). Training draws r = 1 + Poisson(exp(tau)), tau ~ N(ln(mean) - s^2/2, s^2),
+  and backpropagates through the last k iterations only (the earlier ones run without a graph), so its
+  activation memory grows with k. Inference uses a chosen number of iterations, one KV cache per iteration.
+- `HuginnDenoiser` (one DiffusionBlocks block): the recurrent state is the noisy target embedding z_sigma and
+  the core is one sigma-conditioned denoiser. The prelude reads the clean context once; core + coda form an
+  AR denoiser block (AdaLN on sigma, EDM preconditioning, the concatenated clean/noisy stream, weighted CE)
+  that takes the prelude's features as its clean stream. Training runs ONE core pass at a random sigma per
+  step: no BPTT, memory independent of K. Inference: K Euler steps of the core, each with its own KV cache.
+- `HuginnDiffusionLM`: the merged model (B = 1 by default; B > 1 splits the sigma range among cores).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from dbscale.config import Config, ModelConfig
+from dbscale.models.layers import (
+    Head,
+    KVCache,
+    RMSNorm,
+    TransformerLayer,
+    init_weights,
+    rope_cos_sin,
+    run_layers,
+    stream_attention_mask,
+)
+from dbscale.models.llama import DenoiserBlock, DiffusionBlocksLM
+
+DEFAULT_EULER_STEPS = 32  # the diffusion core's K when diffusion.sample_steps is null (the baseline's mean r)
+
+
+def causal_stack(
+    layers: nn.ModuleList,
+    cfg: ModelConfig,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    cache: KVCache | None = None,
+    activation_checkpointing: bool = False,
+) -> torch.Tensor:
+    """A causal stack over x (B, T, d) at `positions`; with a cache, the tokens are appended to it."""
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+    if cache is None:
+        return run_layers(layers, x, cos, sin, None, None, None, 0, activation_checkpointing)
+    key_pos = positions if cache.positions is None else torch.cat([cache.positions, positions])
+    mask = stream_attention_mask(key_pos, torch.ones_like(key_pos, dtype=torch.bool), x.shape[1])
+    x = run_layers(layers, x, cos, sin, mask, None, cache, x.shape[1])
+    cache.positions = key_pos
+    return x
+
+
+def _layers(cfg: ModelConfig, n: int) -> nn.ModuleList:
+    return nn.ModuleList(TransformerLayer(cfg, sandwich=True) for _ in range(n))
+
+
+def sample_recurrence(rng: np.random.Generator, mean: int, std: float) -> int:
+    """r = 1 + Poisson(exp(tau)), tau ~ N(ln(mean) - std^2/2, std^2): E[exp(tau)] = mean (Huginn's schedule)."""
+    tau = rng.normal(math.log(mean) - std**2 / 2, std)
+    return 1 + int(rng.poisson(math.exp(tau)))
+
+
+class HuginnCache:
+    """KV caches of the baseline: the prelude, one per core iteration (each iteration is its own depth), the coda."""
+
+    def __init__(self, iterations: int):
+        self.prelude, self.coda = KVCache(), KVCache()
+        self.core = [KVCache() for _ in range(iterations)]
+
+    def __len__(self) -> int:
+        return len(self.prelude)
+
+
+class HuginnLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        d = cfg.d_model
+        self.embed_tokens = nn.Embedding(vocab_size, d)
+        self.prelude = _layers(cfg, cfg.prelude_layers)
+        self.adapter = nn.Linear(2 * d, d, bias=False)  # [state; prelude output] -> core input
+        self.core = _layers(cfg, cfg.core_layers)
+        self.coda = _layers(cfg, cfg.coda_layers)
+        self.norm = RMSNorm(d, cfg.norm_eps)
+        self.lm_head = Head(d, vocab_size)
+        self.activation_checkpointing = False
+        # (r, k, seed) of the next training forward, set by the trainer: the seed draws the initial state, so a
+        # resumed job reproduces an uninterrupted one
+        self.recurrence: tuple[int, int, int] | None = None
+        init_weights(self, cfg.init_std)
+
+    @property
+    def inference_iterations(self) -> int:
+        return self.cfg.eval_recurrence or self.cfg.mean_recurrence
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: HuginnCache | None = None,
+        targets: torch.Tensor | None = None,
+        ce_chunk: int = 0,
+        iterations: int | None = None,
+        bptt: int | None = None,
+        state: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V), or per-token CE with targets.
+
+        iterations/bptt: r and k (default: the trainer's `recurrence` in training, else the inference count and
+        no truncation). k >= r backpropagates through every iteration. state: the initial state (B, T, d);
+        default Gaussian noise of std state_init_std from the global generator."""
+        T = tokens.shape[1]
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device)
+        seed = None
+        if iterations is None and self.training and self.recurrence is not None:
+            iterations, bptt, seed = self.recurrence
+        r = iterations or self.inference_iterations
+        k = min(bptt or r, r)
+        if cache is not None and len(cache.core) != r:
+            raise ValueError(f"the cache holds {len(cache.core)} core iterations, the call asks for {r}")
+        cfg, ckpt = self.cfg, self.activation_checkpointing
+        c = cache
+        x = self.embed_tokens(tokens)
+        e = causal_stack(self.prelude, cfg, x, positions, None if c is None else c.prelude, ckpt)
+        if seed is None and not torch.is_grad_enabled():
+            seed = 0  # evaluation without a given state: a fixed draw, so scores are reproducible
+        if state is None:
+            g = None if seed is None else torch.Generator(device=e.device).manual_seed(seed)
+            state = torch.randn(e.shape, generator=g, device=e.device, dtype=e.dtype) * cfg.state_init_std
+        s = state
+        grad = torch.is_grad_enabled()
+        for i in range(r):
+            with torch.set_grad_enabled(grad and i >= r - k):  # truncated BPTT: no graph for the early iterations
+                x = self.adapter(torch.cat([s, e], dim=-1))
+                s = causal_stack(self.core, cfg, x, positions, None if c is None else c.core[i], ckpt)
+        h = causal_stack(self.coda, cfg, s, positions, None if c is None else c.coda, ckpt)
+        return self.lm_head(self.norm(h), targets, ce_chunk)
+
+    # --- generation interface shared with the other families ------------------------------------------------
+    def new_cache(self) -> HuginnCache:
+        return HuginnCache(self.inference_iterations)
+
+    def initial_state(self, seed: int, start: int, n: int) -> torch.Tensor:
+        """The initial state of positions start..start+n-1, each drawn from a generator seeded by (seed, position),
+        so cached and uncached generation start from the same states."""
+        rows = [
+            torch.randn(self.cfg.d_model, generator=torch.Generator().manual_seed(seed * 1_000_003 + p))
+            for p in range(start, start + n)
+        ]
+        return torch.stack(rows)[None] * self.cfg.state_init_std
+
+    @torch.no_grad()
+    def next_token_logits(self, cache: HuginnCache, new_tokens: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        start, n = len(cache), new_tokens.shape[1]
+        positions = torch.arange(start, start + n, device=new_tokens.device)
+        state = self.initial_state(seed, start, n).to(new_tokens.device)
+        return self(new_tokens, positions, cache, state=state)[:, -1].float()
+
+
+class HuginnDenoiser(nn.Module):
+    """One block: prelude (clean context, once) + a sigma-conditioned core and coda as an AR denoiser block."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, sigma_data: float, target_embedding=None):
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.embed_tokens = nn.Embedding(vocab_size, cfg.d_model)
+        self.prelude = _layers(cfg, cfg.prelude_layers)
+        self.activation_checkpointing = False
+        init_weights(self, cfg.init_std)  # (before the denoiser exists: its zero-inits stay)
+        self.denoiser = DenoiserBlock(
+            cfg,
+            vocab_size,
+            cfg.core_layers + cfg.coda_layers,
+            sigma_data,
+            target_embedding,
+            context_features=True,
+            sandwich=True,
+        )
+
+    @property
+    def target_table(self):
+        return self.denoiser.target_table
+
+    def context_features(self, tokens: torch.Tensor, positions=None, cache: KVCache | None = None) -> torch.Tensor:
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.embed_tokens(tokens)
+        return causal_stack(self.prelude, self.cfg, x, positions, cache, self.activation_checkpointing)
+
+    def forward(
+        self, clean, z, sigma, clean_pos=None, noisy_pos=None, cache=None, targets=None, ce_chunk: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As DenoiserBlock.forward; `clean` is token ids (the prelude runs) or the prelude's features."""
+        self.denoiser.activation_checkpointing = self.activation_checkpointing
+        features = clean if clean.is_floating_point() else self.context_features(clean, clean_pos)
+        return self.denoiser(features, z, sigma, clean_pos, noisy_pos, cache, targets, ce_chunk)
+
+
+class _StepCaches(list):
+    """One KV cache per Euler step (as the Llama chain) plus one prelude cache per block."""
+
+    prelude: list[KVCache]
+
+
+class HuginnDiffusionLM(DiffusionBlocksLM):
+    """The merged Huginn DiffusionBlocks model: K Euler steps of the core(s) per token, each step with its own
+    KV cache of the clean context; each block's prelude runs once per new token."""
+
+    @staticmethod
+    def make_block(cfg: Config, vocab_size: int, n_layers: int, table: torch.Tensor) -> nn.Module:
+        return HuginnDenoiser(cfg.model, vocab_size, cfg.diffusion.sigma_data, table)
+
+    @staticmethod
+    def default_steps(cfg: Config) -> int:
+        return cfg.diffusion.sample_steps or DEFAULT_EULER_STEPS
+
+    def new_cache(self) -> _StepCaches:
+        caches = _StepCaches(KVCache() for _ in self.sigmas)
+        caches.prelude = [KVCache() for _ in self.blocks]
+        return caches
+
+    def context_inputs(self, cache, new_tokens, clean_pos):
+        return [block.context_features(new_tokens, clean_pos, cache.prelude[b]) for b, block in enumerate(self.blocks)]
