@@ -67,7 +67,17 @@ def main() -> int:
     for name in variants:
         t0 = time.time()
         run = root / name
-        sh(PY, "tools/prepare.py", "--config", args.config, "--run", str(run))
+        # every variant starts from the paper's partition; the calibrated ones are then calibrated explicitly
+        sh(
+            PY,
+            "tools/prepare.py",
+            "--config",
+            args.config,
+            "--run",
+            str(run),
+            "--set",
+            "diffusion.partition=equiprobable",
+        )
         calibrated = json.loads((run / "manifest.json").read_text()).get("calibration", {}).get("method")
         if name != "paper" and calibrated != name:  # (a rerun resumes: the run is calibrated already)
             steps = str(args.calibration_steps)

@@ -115,8 +115,16 @@ class DiffusionConfig:
         "(the measured `boundaries` written by tools/calibrate_noise.py).",
     )
     boundaries: list[float] | None = _field(
-        None, "For partition 'calibrated': B+1 ascending sigmas from sigma_min to sigma_max (block 0 owns the top)."
+        None,
+        "For partition 'calibrated': B+1 ascending sigmas from sigma_min to sigma_max (block 0 owns the top); "
+        "null = measured by tools/prepare.py (a short calibration run, `calibration` method) before any block.",
     )
+    calibration: str = _field(
+        "ce_levels",
+        "How prepare turns the measured CE(sigma) curve into boundaries when partition is 'calibrated' and "
+        "boundaries are null: 'ce_levels', 'loss_integral' or 'lognormal' (see tools/calibrate_noise.py).",
+    )
+    calibration_steps: int = _field(200, "Training steps of the calibration denoiser run at prepare time.")
     gamma: float = _field(0.1, "Overlap: each interval is widened by (hi/lo)^gamma in log space (0.1 for text).")
     P_mean: float = _field(-1.2, "Mean of ln(sigma) in the EDM log-normal noise distribution.")
     P_std: float = _field(1.2, "Std of ln(sigma) in the EDM log-normal noise distribution.")
@@ -250,6 +258,7 @@ _CHOICES = {
     "diffusion.partition": ("equiprobable", "uniform", "calibrated"),
     "diffusion.loss_weighting": ("edm", "none"),
     "diffusion.mask_schedule": ("linear", "loglinear", "cosine"),
+    "diffusion.calibration": ("ce_levels", "loss_integral", "lognormal"),
     "data.source": ("sotu", "files", "hf", "lm1b", "openwebtext", "text8"),
     "data.tokenizer_type": ("bpe", "unigram", "char"),
     "data.normalize": ("none", "text8"),
@@ -482,19 +491,22 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             )
     if not 0 < d.sigma_min < d.sigma_max:
         fail("diffusion.sigma_min", f"need 0 < sigma_min < sigma_max, got {d.sigma_min}, {d.sigma_max}.")
-    if d.partition == "calibrated":
-        bounds = d.boundaries or []
+    if d.calibration_steps < 1:
+        fail("diffusion.calibration_steps", f"must be >= 1, got {d.calibration_steps}.")
+    if d.partition == "calibrated" and d.boundaries is not None:
+        bounds = d.boundaries
         if len(bounds) != d.num_blocks + 1:
             fail(
                 "diffusion.boundaries",
                 f"partition 'calibrated' needs num_blocks+1={d.num_blocks + 1} ascending sigmas, got {bounds}. "
-                "Fix: run tools/calibrate_noise.py --run R, or choose partition 'equiprobable'.",
+                "Fix: set boundaries: null (prepare measures them), run tools/calibrate_noise.py --run R, or "
+                "choose partition 'equiprobable'.",
             )
         if bounds[0] != d.sigma_min or bounds[-1] != d.sigma_max:
             fail("diffusion.boundaries", f"must start at sigma_min={d.sigma_min} and end at sigma_max={d.sigma_max}.")
         if any(b >= c for b, c in zip(bounds, bounds[1:], strict=False)):
             fail("diffusion.boundaries", f"{bounds} must be strictly ascending (every block needs an interval).")
-    elif d.boundaries is not None:
+    elif d.partition != "calibrated" and d.boundaries is not None:
         fail("diffusion.boundaries", f"is only read by partition 'calibrated' (here '{d.partition}'); remove it.")
     if d.P_std <= 0 or d.sigma_data <= 0:
         fail("diffusion.P_std", "P_std and sigma_data must be positive.")

@@ -77,6 +77,8 @@ def partition_record(cfg: Config) -> dict:
             "block_intervals": [list(iv) for iv in p.intervals],
             "train_intervals": [list(iv) for iv in p.train_intervals],
         }
+    if cfg.diffusion.partition == "calibrated" and cfg.diffusion.boundaries is None:
+        return {"kind": "calibrated", "pending": True, "method": cfg.diffusion.calibration}
     p = Partition.from_config(cfg.diffusion)
     return {
         "kind": cfg.diffusion.partition,
@@ -263,7 +265,7 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
                 )
             existing.verify()
             log(f"[prepare] {root} is already prepared with this config (run id {existing.run_id}); verified.")
-            return existing
+            return calibrate_if_pending(existing, log)
         if any(root.iterdir()):
             raise RunError(f"{root}: exists, is not empty and holds no {MANIFEST}. Fix: choose a new --run directory.")
 
@@ -376,4 +378,24 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return open_run(root)
+    return calibrate_if_pending(open_run(root), log)
+
+
+def calibrate_if_pending(run: Run, log=print) -> Run:
+    """partition 'calibrated' with boundaries null: measure CE(sigma) with a short calibration run and write the
+    boundaries (diffusion.calibration method) into the run, as tools/calibrate_noise.py does. A crash leaves the
+    run pending (block jobs refuse to start); preparing again resumes here."""
+    if not run.manifest["partition"].get("pending"):
+        return run
+    from dbscale.diffusion.calibrate import measure_loss_curve, propose
+
+    d = run.config.diffusion
+    layers = run.config.layer_allocation()[0]
+    log(f"[prepare] calibrating the noise partition: a {layers}-layer denoiser, {d.calibration_steps} steps")
+    curve = measure_loss_curve(run, d.calibration_steps, layers, log=log)
+    proposals = propose(curve, d.num_blocks, d.P_mean, d.P_std)
+    chosen = {k: v for k, v in proposals[d.calibration].items() if k != "boundaries_implied"}
+    run = set_partition(run, chosen, {"method": d.calibration, "curve": curve, "proposals": proposals})
+    bounds = [round(b, 4) for b in run.manifest["partition"]["sigma_boundaries"]]
+    log(f"[prepare] partition '{d.calibration}': sigma boundaries {bounds}")
+    return run

@@ -1,5 +1,6 @@
 """Noise calibration: proposals against closed forms, the calibrated partition, applying it to a run."""
 
+import json
 import math
 import sys
 
@@ -19,7 +20,8 @@ from dbscale.diffusion.calibrate import (
 from dbscale.diffusion.noise import lognormal_cdf, lognormal_icdf
 from dbscale.diffusion.partition import Partition, sigma_boundaries, step_sigmas, steps_to_blocks, warp
 from dbscale.errors import ConfigError, RunError
-from dbscale.run import CONFIG, open_run, prepare_run, set_partition
+from dbscale.files import sha256_file
+from dbscale.run import CONFIG, open_run, partition_record, prepare_run, set_partition
 
 EDM = dict(P_mean=-1.2, P_std=1.2, sigma_min=0.002, sigma_max=80.0)
 GRID = np.exp(np.linspace(math.log(0.002), math.log(80.0), 4001)).tolist()
@@ -79,7 +81,11 @@ def test_calibrated_with_paper_boundaries_matches_equiprobable_ends():
 @pytest.mark.parametrize(
     "diffusion, message",
     [
-        ({"partition": "calibrated"}, "diffusion.boundaries: partition 'calibrated' needs"),
+        (
+            {"partition": "calibrated", "boundaries": [0.002, 80.0]},
+            "diffusion.boundaries: partition 'calibrated' needs",
+        ),
+        ({"calibration_steps": 0}, "diffusion.calibration_steps"),
         ({"partition": "calibrated", "boundaries": [0.002, 0.5, 0.5, 80.0]}, "strictly ascending"),
         ({"partition": "calibrated", "boundaries": [0.01, 0.3, 80.0]}, "must start at sigma_min"),
         ({"boundaries": [0.002, 0.3, 80.0]}, "only read by partition 'calibrated'"),
@@ -135,3 +141,30 @@ def test_calibrate_cli_applies_the_proposal_to_the_run(run):
     assert [tuple(iv) for iv in calibrated.manifest["partition"]["train_intervals"]] == list(expected)
     dry = run_cli([sys.executable, "tools/prepare.py", "--config", str(run.root / CONFIG), "--dry-run"])
     assert '"kind": "calibrated"' in dry.stdout
+
+
+def test_prepare_calibrates_when_boundaries_are_null_and_blocks_wait_for_it(tiny_cfg, tmp_path, process_group):
+    from dbscale.train.trainer import Trainer
+
+    cfg = tiny_cfg(diffusion={"partition": "calibrated", "calibration": "loss_integral", "calibration_steps": 20})
+    assert partition_record(cfg)["pending"] is True  # what the dry run shows before the measurement
+    logs = []
+    r = prepare_run(cfg, tmp_path / "auto", log=logs.append)
+    part = r.manifest["partition"]
+    assert "pending" not in part and r.manifest["calibration"]["method"] == "loss_integral"
+    assert r.config.diffusion.boundaries == part["sigma_boundaries"] and len(part["sigma_boundaries"]) == 3
+    assert any("partition 'loss_integral'" in m for m in logs)
+    assert prepare_run(cfg, r.root, log=lambda *a: None).run_id == r.run_id  # preparing again: a no-op
+
+    # A run whose calibration did not finish: block jobs refuse; preparing again finishes it.
+    pending = prepare_run(cfg, tmp_path / "pending", log=lambda *a: None)
+    manifest = dict(pending.manifest, partition=partition_record(cfg))
+    manifest.pop("calibration")
+    (pending.root / "manifest.json").write_text(json.dumps(manifest))
+    (pending.root / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    manifest["config_sha256"] = sha256_file(pending.root / CONFIG)
+    (pending.root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RunError, match="still to be calibrated"):
+        Trainer(open_run(pending.root), 0, 0, 1)
+    finished = prepare_run(cfg, pending.root, log=lambda *a: None)
+    assert "pending" not in finished.manifest["partition"]

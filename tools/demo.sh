@@ -13,13 +13,13 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" |
 start=$(date +%s)
 stage() { printf '\n\033[1m== [%s] %s\033[0m  (%ss elapsed)\n' "$1" "$2" "$(( $(date +%s) - start ))"; }
 
-stage 1/7 "prepare $RUN from $CONFIG: tokenizer, shards, frozen target embedding, manifest"
+stage 1/7 "prepare $RUN from $CONFIG: tokenizer, shards, frozen target embedding, noise calibration, manifest"
 python tools/prepare.py --config "$CONFIG" --run "$RUN"
-python tools/prepare.py --config "$CONFIG" --dry-run | python -c "
-import json, sys; d = json.load(sys.stdin); p = d['partition']
-print('noise partition (block: sigma interval -> widened training interval):')
+python -c "
+from dbscale.run import open_run; m = open_run('$RUN').manifest; p = m['partition']
+print(f'noise partition ({p[\"kind\"]}; block: sigma interval -> widened training interval):')
 for b, (iv, tr) in enumerate(zip(p['block_intervals'], p['train_intervals'])):
-    print(f'  block {b}: [{iv[0]:.4f}, {iv[1]:.4f}] -> [{tr[0]:.4f}, {tr[1]:.4f}], {d[\"layers_per_block\"][b]} layer(s)')"
+    print(f'  block {b}: [{iv[0]:.4f}, {iv[1]:.4f}] -> [{tr[0]:.4f}, {tr[1]:.4f}], {m[\"layers_per_block\"][b]} layer(s)')"
 
 B=$(python -c "from dbscale.run import open_run; print(open_run('$RUN').num_blocks)")
 for ((b = 0; b < B; b++)); do

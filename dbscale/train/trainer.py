@@ -47,6 +47,12 @@ class Trainer:
         self.cfg = run.config
         if block is not None and not 0 <= block < run.num_blocks:
             raise RunError(f"--block {block}: this run has blocks 0..{run.num_blocks - 1} (diffusion.num_blocks).")
+        if block is not None and run.manifest["partition"].get("pending"):
+            raise RunError(
+                f"{run.root}: the noise partition is still to be calibrated (diffusion.boundaries: null); a block "
+                f"cannot know its slice. Fix: run tools/prepare.py again with the same --config and --run (it "
+                f"finishes the calibration), or tools/calibrate_noise.py --run {run.root}."
+            )
         self.job = f"block {block}" if block is not None else "e2e"
         self.job_dir = run.job_dir(block)
         self.job_id = 0 if block is None else block + 1
