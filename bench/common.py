@@ -32,6 +32,13 @@ SHAPES = {
     "quick": {"n_layers": 12, "d_model": 192, "n_heads": 4, "seq_len": 128, "vocab": 8000},
 }
 
+# The masked family at the paper's text8 shape (METHOD.md 7b): 27 characters (the mask is an extra input id).
+MASKED_SHAPES = {
+    "full": {"n_layers": 12, "d_model": 768, "n_heads": 12, "seq_len": 256, "vocab": 27},
+    "quick": {"n_layers": 12, "d_model": 192, "n_heads": 4, "seq_len": 128, "vocab": 27},
+}
+MASKED_LEVELS = ("paper", "checkpointing")  # chunked CE and the target table do not apply to 27 outputs
+
 # Cumulative switch levels of a block job; the end-to-end job takes the ones that apply to it.
 LEVELS = {
     "paper": {},
@@ -106,13 +113,16 @@ def measure_job(spec: dict) -> dict:
     from dbscale.models.llama import DenoiserBlock, LlamaLM, denoiser_loss, frozen_target_embedding, lm_loss
     from dbscale.profiling import saved_activation_bytes, state_bytes
 
-    shape = SHAPES[spec["shape"]] if isinstance(spec["shape"], str) else spec["shape"]
+    masked = spec.get("family", "llama") == "masked"
+    shapes = MASKED_SHAPES if masked else SHAPES
+    shape = shapes[spec["shape"]] if isinstance(spec["shape"], str) else spec["shape"]
     B, level, mb = spec["B"], LEVELS[spec["level"]], spec["micro_batch"]
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if (cuda and spec.get("dtype", "auto") != "fp32") else torch.float32
     model_keys = {k: level[k] for k in ("head", "context_embedding") if k in level}
     cfg = ModelConfig(
+        family="masked" if masked else "llama",
         n_layers=shape["n_layers"],
         d_model=shape["d_model"],
         n_heads=shape["n_heads"],
@@ -125,8 +135,13 @@ def measure_job(spec: dict) -> dict:
     rss0 = rss_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    table = frozen_target_embedding(V, cfg.embed_dim, 0).to(device) if B > 1 else None
-    if B == 1:
+    table = frozen_target_embedding(V, cfg.embed_dim, 0).to(device) if B > 1 and not masked else None
+    if masked:  # the baseline is the same denoiser with all L layers over t in [0, 1]
+        from dbscale.diffusion.masking import MaskSchedule
+        from dbscale.models.masked import MaskedDenoiser, masked_elbo_terms
+
+        model = MaskedDenoiser(cfg, V, cfg.n_layers // B)
+    elif B == 1:
         model = LlamaLM(cfg, V)
     else:
         model = DenoiserBlock(cfg, V, cfg.n_layers // B, 0.5, table)
@@ -139,6 +154,11 @@ def measure_job(spec: dict) -> dict:
     g = torch.Generator(device="cpu").manual_seed(1)
 
     def loss_fn(window):
+        if masked:
+            x0 = window[:, :-1]
+            t = torch.rand(mb, generator=g).to(device)
+            u = torch.rand(x0.shape, generator=g).to(device)
+            return masked_elbo_terms(model, x0, t, u, MaskSchedule(), 1.0, 1e-3, V, chunk)[0].mean()
         if B == 1:
             return lm_loss(model, window, chunk)
         sigma = torch.exp(torch.randn(mb, generator=g) * 1.2 - 1.2).to(device)

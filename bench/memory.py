@@ -19,7 +19,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import E2E_LEVELS, LEVELS, RESULTS, measure_job, mib, run_worker, write_results  # noqa: E402
+from common import (  # noqa: E402
+    E2E_LEVELS,
+    LEVELS,
+    MASKED_LEVELS,
+    RESULTS,
+    measure_job,
+    mib,
+    run_worker,
+    write_results,
+)
 
 
 def main() -> int:
@@ -36,9 +45,14 @@ def main() -> int:
     if args.worker:
         print(json.dumps(measure_job(json.loads(args.worker))))
         return 0
-    if args.family != "llama":
-        p.error(f"family '{args.family}' is not implemented in dbscale yet; only 'llama' can be measured")
+    if args.family == "huginn":
+        p.error(
+            "the Huginn family's memory (the baseline per BPTT length k vs the diffusion core) is measured by "
+            "bench/huginn.py"
+        )
     levels = [v for v in args.levels.split(",") if v]
+    if args.family == "masked":
+        levels = [v for v in levels if v in MASKED_LEVELS]
     if set(levels) - set(LEVELS) or args.steps < 2:
         p.error(f"--levels must come from {list(LEVELS)} (got {levels}) and --steps must be >= 2")
     shape = "quick" if args.quick else "full"
@@ -59,9 +73,10 @@ def main() -> int:
 
     for B in [int(b) for b in args.blocks.split(",")]:
         for level in levels:
-            if (B == 1 and level not in E2E_LEVELS) or (B, level) in done:
+            if (B == 1 and level not in E2E_LEVELS and args.family == "llama") or (B, level) in done:
                 continue
             spec = {"shape": shape, "B": B, "level": level, "micro_batch": args.micro_batch, "steps": args.steps}
+            spec["family"] = args.family
             r = run_worker(__file__, spec)
             done[(B, level)] = r
             save(list(done.values()))
@@ -74,12 +89,13 @@ def main() -> int:
     rows = sorted(done.values(), key=lambda r: (r["B"], order[r["level"]]))
     e2e = {r["level"]: r for r in rows if r["B"] == 1}
     print(
-        f"\nLlama family, shape '{shape}', micro-batch {args.micro_batch}, {rows[0]['dtype']}; MiB; ratio = block / e2e"
+        f"\n{args.family} family, shape '{shape}', micro-batch {args.micro_batch}, {rows[0]['dtype']}; MiB; "
+        "ratio = block / e2e"
     )
     head = f"{'B':>2} {'level':>14} {'params':>7} {'grads':>7} {'optim':>7} {'saved act':>9} {'total':>7} {'peak':>7}"
     print(head + f" {'vs e2e same level':>17} {'vs e2e paper':>12} {'ideal':>6}")
     for r in rows:
-        same = e2e.get(r["level"]) or e2e.get(E2E_LEVELS[-1])
+        same = e2e.get(r["level"]) or e2e.get(E2E_LEVELS[-1]) or e2e.get("checkpointing")
         paper = e2e.get("paper")
         ratio = lambda ref, r=r: f"{r['peak_bytes'] / ref['peak_bytes']:.3f}" if ref else "-"  # noqa: E731
         print(
