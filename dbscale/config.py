@@ -223,6 +223,11 @@ class TrainConfig:
     save_every: int = _field(1000, "Steps between checkpoints (a final one is always written).")
     keep_checkpoints: int = _field(2, "Complete checkpoints kept per job (older ones are deleted).")
     seed: int = _field(0, "Seed of initialisation, data windows and noise (per block, step and rank).")
+    block_hosts: list[list[str]] | None = _field(
+        None,
+        "launchers/launch_blocks.py --hostfile: the hosts of each block, block b on block_hosts[b] (names from the "
+        "hostfile, no host in two blocks); null = consecutive groups of --nodes-per-block hosts.",
+    )
 
 
 @dataclass
@@ -575,6 +580,21 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             "skipping a non-finite step needs train.grad_accum = 1 (a partly accumulated gradient cannot be "
             "discarded); set max_nonfinite_steps: 0 to stop at the first non-finite loss instead.",
         )
+    if t.block_hosts is not None:
+        if len(t.block_hosts) != d.num_blocks or any(not group for group in t.block_hosts):
+            fail(
+                "train.block_hosts",
+                f"needs one non-empty list of hosts per block ({d.num_blocks}), got {t.block_hosts}. "
+                "Fix: e.g. [[node1, node2], [node3]] for B=2, or null.",
+            )
+        seen: dict[str, int] = {}
+        for b, group in enumerate(t.block_hosts):
+            for host in group:
+                if not host.strip():
+                    fail("train.block_hosts", f"block {b} lists an empty host name.")
+                if host in seen:
+                    fail("train.block_hosts", f"host '{host}' is given to block {seen[host]} and block {b}.")
+                seen[host] = b
     if t.zero_stage not in (1, 2, 3):
         fail("train.zero_stage", f"must be 1, 2 or 3, got {t.zero_stage}.")
 

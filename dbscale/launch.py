@@ -58,6 +58,34 @@ def assign_hosts(
     return {b: hosts[i * per : (i + 1) * per] for i, b in enumerate(blocks)}
 
 
+def mapped_hosts(
+    hosts: list[tuple[str, int]], block_hosts: list[list[str]], jobs: list[int | None], hostfile: str
+) -> dict[int | None, list[tuple[str, int]]]:
+    """Host groups from the config's explicit map (train.block_hosts); the baseline, if launched, gets the
+    hostfile's hosts that no block uses."""
+    slots = dict(hosts)
+    groups: dict[int | None, list[tuple[str, int]]] = {}
+    for job in jobs:
+        if job is None:
+            used = {h for group in block_hosts for h in group}
+            rest = [(h, n) for h, n in hosts if h not in used]
+            if not rest:
+                raise RunError(
+                    f"{hostfile}: train.block_hosts uses every host; none is left for the end-to-end baseline. "
+                    "Fix: add a host to the hostfile, or launch the baseline separately."
+                )
+            groups[None] = rest
+            continue
+        missing = [h for h in block_hosts[job] if h not in slots]
+        if missing:
+            raise RunError(
+                f"{hostfile}: train.block_hosts[{job}] names {missing}, which the hostfile does not list. Fix: add "
+                "them to the hostfile or correct train.block_hosts in the run's config."
+            )
+        groups[job] = [(h, slots[h]) for h in block_hosts[job]]
+    return groups
+
+
 @dataclass
 class BlockLaunch:
     block: int | None  # None = the end-to-end baseline
@@ -87,7 +115,11 @@ def plan(
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     jobs: list[int | None] = [*blocks, *([None] if e2e else [])]
     all_hosts = read_hostfile(hostfile) if hostfile else []
-    groups = assign_hosts(all_hosts, jobs, nodes_per_block, hostfile) if hostfile else {}
+    block_hosts = run.config.train.block_hosts
+    if hostfile and block_hosts is not None:
+        groups = mapped_hosts(all_hosts, block_hosts, jobs, hostfile)
+    else:
+        groups = assign_hosts(all_hosts, jobs, nodes_per_block, hostfile) if hostfile else {}
     launches = []
     for i, job in enumerate(jobs):
         job_dir = run.job_dir(job)

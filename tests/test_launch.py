@@ -9,7 +9,7 @@ import yaml
 from conftest import ROOT, tiny_config_dict
 
 from dbscale.errors import RunError
-from dbscale.launch import assign_hosts, read_hostfile
+from dbscale.launch import assign_hosts, mapped_hosts, read_hostfile
 
 
 def test_hostfile_parsing_and_errors(tmp_path):
@@ -30,6 +30,39 @@ def test_assignment_is_disjoint_and_refuses_too_few_hosts():
     assert groups == {0: hosts[0:2], 1: hosts[2:4], 2: hosts[4:6]}
     with pytest.raises(RunError, match="need 8 hosts, the hostfile has 6.*--blocks"):
         assign_hosts(hosts, [0, 1, 2, 3], 2, "hosts")
+
+
+def test_explicit_block_to_host_map_from_the_config(tmp_path):
+    from dbscale.config import ConfigError, config_from_dict
+
+    hosts = [("a", 8), ("b", 4), ("c", 8), ("d", 2)]
+    groups = mapped_hosts(hosts, [["c"], ["a", "d"]], [0, 1, None], "hosts")
+    assert groups == {0: [("c", 8)], 1: [("a", 8), ("d", 2)], None: [("b", 4)]}
+    with pytest.raises(RunError, match=r"train.block_hosts\[1\] names \['x'\], which the hostfile does not list"):
+        mapped_hosts(hosts, [["a"], ["x"]], [0, 1], "hosts")
+    with pytest.raises(RunError, match="none is left for the end-to-end baseline"):
+        mapped_hosts(hosts, [["a", "b"], ["c", "d"]], [0, None], "hosts")
+    # plan() follows the map: block 0 on c, block 1 on a + d, each with its own hostfile text
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from dbscale.launch import plan
+
+    hostfile = Path(tmp_path / "hosts")
+    hostfile.write_text("a slots=8\nb slots=4\nc slots=8\nd slots=2\n")
+    fake = SimpleNamespace(
+        root=tmp_path,
+        config=SimpleNamespace(train=SimpleNamespace(block_hosts=[["c"], ["a", "d"]])),
+        job_dir=lambda b: tmp_path / ("e2e" if b is None else f"blocks/{b}"),
+    )
+    launches = plan(fake, [0, 1], str(hostfile), None, 29600, None)
+    assert [launch.hosts for launch in launches] == [["c"], ["a", "d"]]
+    assert launches[1].hostfile_text == "a slots=8\nd slots=2\n"
+    base = {"model": {"n_layers": 2}, "diffusion": {"num_blocks": 2}}
+    with pytest.raises(ConfigError, match="host 'a' is given to block 0 and block 1"):
+        config_from_dict({**base, "train": {"block_hosts": [["a"], ["a", "b"]]}})
+    with pytest.raises(ConfigError, match="one non-empty list of hosts per block"):
+        config_from_dict({**base, "train": {"block_hosts": [["a"]]}})
 
 
 @pytest.fixture(scope="module")
