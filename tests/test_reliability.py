@@ -157,6 +157,33 @@ def test_ctrl_c_in_training_saves_and_resumes(small_run):
     assert events(run, 1, "end")[-1]["step"] == 6
 
 
+def test_sigterm_from_outside_checkpoints_exits_cleanly_and_resumes(small_run):
+    """What Slurm sends before preemption: a real SIGTERM from another process, mid-training."""
+    import signal
+    import time
+
+    run = small_run(steps=400, save_every=1000, log_every=1)
+    cmd = [sys.executable, "launchers/train_block.py", "--run", str(run.root), "--block", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run.job_dir(0) / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and events(run, 0, "train")):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out[-2000:]
+    stopped = events(run, 0, "stopped")
+    assert stopped and stopped[-1]["reason"] == "signal"
+    step = stopped[-1]["step"]
+    assert 1 <= step < 400 and (run.job_dir(0) / "latest").read_text() == f"global_step{step}"
+    resumed = subprocess.run(
+        [*cmd, "--set", f"train.steps={step + 2}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert events(run, 0, "start")[-1]["step"] == step and events(run, 0, "end")[-1]["step"] == step + 2
+
+
 def test_ctrl_c_while_tokenizing_leaves_nothing(tiny_cfg, tmp_path, monkeypatch):
     import dbscale.data.shards
 
