@@ -1,6 +1,7 @@
 """launch_blocks.py: host assignment, the exact commands of a dry run, and a real local fan-out."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ from conftest import ROOT, tiny_config_dict
 
 from dbscale.errors import RunError
 from dbscale.launch import assign_hosts, mapped_hosts, read_hostfile
+from dbscale.train.metrics import read_metrics
 
 
 def test_hostfile_parsing_and_errors(tmp_path):
@@ -121,19 +123,57 @@ def test_dry_run_on_a_four_host_hostfile(run_dir, tmp_path):
     assert p.returncode == 2 and "--blocks: [5] not in 0..1" in p.stderr
 
 
+OPEN_LOGGER = """
+import os, sys
+_log = os.environ.get("DBSCALE_TEST_OPEN_LOG")
+if _log and sys.argv and sys.argv[0].endswith("train_block.py"):
+    _f = open(f"{_log}.{os.getpid()}", "w", buffering=1)
+    _f.write(" ".join(sys.argv) + "\\n")
+    def _hook(event, args):
+        if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            _f.write(os.path.abspath(os.fsdecode(args[0])) + "\\n")
+    sys.addaudithook(_hook)
+"""
+
+
 @pytest.mark.slow
-def test_local_concurrent_fan_out(run_dir):
-    p = subprocess.run(
-        [sys.executable, "launchers/launch_blocks.py", "--run", str(run_dir), "--local", "--concurrent"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def test_two_blocks_of_two_processes_run_concurrently_and_share_nothing(run_dir, tmp_path):
+    """Independence, measured: every file each training process opens is recorded (a Python audit hook), and
+    each job's process group and port are read from its own logs."""
+    hook_dir = tmp_path / "hook"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(OPEN_LOGGER)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{hook_dir}:{os.environ.get('PYTHONPATH', '')}",
+        "DBSCALE_TEST_OPEN_LOG": str(tmp_path / "opened"),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, "launchers/launch_blocks.py", "--run", str(run_dir), "--local", "--concurrent"]
+    p = subprocess.run([*cmd, "--num-gpus", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "[block 0] " in p.stdout and "[block 1] " in p.stdout
     table = p.stdout[p.stdout.index("job ") :]
     assert table.count("done") == 2 and "global_step3" in table
+    ports = []
     for b in (0, 1):
         log = (run_dir / f"blocks/{b}/launch.log").read_text()
         assert "launchers/train_block.py" in log and f'"job": "block {b}"' in log
+        command = log.splitlines()[0].split()
+        ports.append(command[command.index("--master_port") + 1])
+        start = next(e for e in read_metrics(run_dir / f"blocks/{b}/metrics.jsonl") if e["event"] == "start")
+        assert start["world_size"] == 2  # each job is its own group of 2 ranks, not one group of 4
+    assert ports[0] != ports[1]
+    logs = sorted(tmp_path.glob("opened.*"))
+    by_block = {0: [], 1: []}
+    for path in logs:
+        argv, *opened = path.read_text().splitlines()
+        block = int(argv.split("--block")[1].split()[0])
+        by_block[block].append(opened)
+    assert [len(v) for v in by_block.values()] == [2, 2]  # two training processes per block
+    for block, processes in by_block.items():
+        other = str((run_dir / "blocks" / str(1 - block)).resolve())
+        own = str((run_dir / "blocks" / str(block)).resolve())
+        for opened in processes:
+            assert any(f.startswith(own) for f in opened)  # the hook saw this process's own files
+            assert not [f for f in opened if f.startswith(other)], f"block {block} opened block {1 - block}'s files"
