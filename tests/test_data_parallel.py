@@ -45,3 +45,19 @@ def test_two_ranks_equal_one_rank_accumulating(speeches, tmp_path, stage):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    if stage == 2:  # DeepSpeed cannot re-shard a ZeRO checkpoint: resuming on another rank count is refused
+        p = run(
+            [
+                sys.executable,
+                "launchers/train_block.py",
+                "--run",
+                str(runs["dp2"]),
+                "--block",
+                "1",
+                "--set",
+                "train.steps=6",
+            ],
+            expect=2,
+        )
+        assert "saved with 2 process(es)" in p.stderr and "relaunch with the same number of processes" in p.stderr
+        assert "Traceback" not in p.stderr
