@@ -140,6 +140,11 @@ class DiffusionConfig:
         "'cosine' 1-cos(pi/2 (1-t)) (MD4). Blocks split t into equal decrements of alpha.",
     )
     mask_eps: float = _field(1e-3, "Masked family, 'loglinear' schedule: alpha(1) = mask_eps.")
+    t_boundaries: list[float] | None = _field(
+        None,
+        "Masked family: B+1 ascending times from 0 to 1 that replace the equal-alpha partition (block 0 owns the "
+        "top slice), e.g. from bench/masked_partitions.py; null = equal decrements of alpha.",
+    )
     t_min: float = _field(
         1e-3,
         "Masked family: t is drawn over the whole slice but the model and weight are evaluated at max(t, t_min) "
@@ -517,6 +522,8 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         fail("diffusion.P_std", "P_std and sigma_data must be positive.")
     if not 0 <= d.gamma < 1:
         fail("diffusion.gamma", f"must be in [0, 1), got {d.gamma}.")
+    if m.family != "masked" and d.t_boundaries is not None:
+        fail("diffusion.t_boundaries", "is read by the masked family only; remove it.")
     if d.sample_steps is not None and d.sample_steps < d.num_blocks:
         fail(
             "diffusion.sample_steps",
@@ -550,6 +557,15 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             fail("diffusion.mask_eps", f"must be in (0, 1), got {d.mask_eps}.")
         if "target" in (m.head, m.context_embedding):
             fail("model.head", "the masked family has no target table; use head and context_embedding 'learned'.")
+        tb = d.t_boundaries
+        if tb is not None and (
+            len(tb) != d.num_blocks + 1 or tb[0] != 0 or tb[-1] != 1 or any(a >= b for a, b in zip(tb, tb[1:]))
+        ):
+            fail(
+                "diffusion.t_boundaries",
+                f"needs num_blocks+1={d.num_blocks + 1} strictly ascending times from 0 to 1 (every block a "
+                f"non-empty slice), got {tb}. Fix: correct the list, or null for equal decrements of alpha.",
+            )
         if d.partition != "equiprobable" or d.boundaries is not None:
             fail(
                 "diffusion.partition",

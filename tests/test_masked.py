@@ -69,6 +69,21 @@ def test_cosine_partition_has_equal_alpha_decrements_and_gamma_in_alpha_space():
     assert (s.alpha(hi), s.alpha(lo)) == pytest.approx((0.2, 0.55))
 
 
+@pytest.mark.parametrize("steps", [3, 5, 8, 17])
+def test_explicit_t_boundaries_route_steps_inside_their_slices(steps):
+    bounds = [0.0, 0.1, 0.45, 1.0]
+    p = TPartition.build(3, MaskSchedule("linear"), 0.0, bounds)
+    assert flat(p.intervals) == pytest.approx([0.45, 1.0, 0.1, 0.45, 0.0, 0.1])
+    times, blocks = sample_steps(steps, 3, MaskSchedule("linear"), bounds)
+    assert sorted(set(blocks)) == [0, 1, 2]
+    for k, b in enumerate(blocks):
+        lo, hi = p.intervals[b]
+        assert lo - 1e-12 <= times[k] <= hi + 1e-12
+    with pytest.raises(ConfigError, match="diffusion.t_boundaries"):
+        masked_cfg(diffusion={"t_boundaries": [0.0, 0.5, 0.5, 1.0]})
+    assert masked_cfg(diffusion={"t_boundaries": bounds}).diffusion.t_boundaries == bounds
+
+
 def test_a_block_with_an_empty_interval_is_refused():
     class Collapsed(MaskSchedule):  # a schedule whose inverse collapses the middle: block 1 gets nothing
         def t_of_u(self, u):

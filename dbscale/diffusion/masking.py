@@ -95,18 +95,24 @@ class TPartition:
     train_intervals: tuple[tuple[float, float], ...]  # widened by gamma in alpha space: where t is drawn
 
     @classmethod
-    def build(cls, num_blocks: int, schedule: MaskSchedule, gamma: float) -> TPartition:
+    def build(
+        cls, num_blocks: int, schedule: MaskSchedule, gamma: float, t_boundaries: list[float] | None = None
+    ) -> TPartition:
         """Equal decrements of alpha: t_b = alpha^-1(1 - b (1 - alpha_min) / B); B=3 linear gives
-        [0, 1/3, 2/3, 1]. The overlap widens each block's alpha-slice by gamma times its width on both sides
-        (clamped to [alpha_min, 1]), the alpha-space analogue of the Gaussian families' log-space widening."""
+        [0, 1/3, 2/3, 1]; or the given `t_boundaries`. The overlap widens each block's alpha-slice by gamma
+        times its width on both sides (clamped to [alpha_min, 1]), the alpha-space analogue of the Gaussian
+        families' log-space widening."""
         B = num_blocks
         if B < 1:
             raise ValueError("num_blocks must be >= 1")
-        bounds = [0.0, *(schedule.t_of_u(b / B) for b in range(1, B)), 1.0]
+        if t_boundaries is not None:
+            bounds = [float(t) for t in t_boundaries]
+        else:
+            bounds = [0.0, *(schedule.t_of_u(b / B) for b in range(1, B)), 1.0]
         intervals, train = [], []
         for b in range(B):
-            lo_u, hi_u = (B - 1 - b) / B, (B - b) / B
             lo, hi = bounds[B - 1 - b], bounds[B - b]
+            lo_u, hi_u = schedule.u_of_t(lo), schedule.u_of_t(hi)
             if not lo < hi:
                 raise ValueError(f"block {b} gets an empty t-interval [{lo}, {hi}]")
             intervals.append((lo, hi))
@@ -117,7 +123,7 @@ class TPartition:
 
     @classmethod
     def from_config(cls, d) -> TPartition:
-        return cls.build(d.num_blocks, schedule_from_config(d), d.gamma)
+        return cls.build(d.num_blocks, schedule_from_config(d), d.gamma, d.t_boundaries)
 
 
 def stratified_times(n: int, lo: float, hi: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -129,14 +135,25 @@ def stratified_times(n: int, lo: float, hi: float, generator: torch.Generator | 
     return (lo + (hi - lo) * strata[order]).float()
 
 
-def sample_steps(num_steps: int, num_blocks: int, schedule: MaskSchedule) -> tuple[list[float], list[int]]:
-    """The ancestral sampler's N+1 times, from 1 down to 0, at equal steps of the partition's coordinate u
-    (equal decrements of alpha), and the block serving each of the N steps, BY INDEX: step k goes from
-    u = 1 - k/N to 1 - (k+1)/N and is served by the block owning its start, block floor(k B / N). With N >= B
-    no block is skipped (floor(kB/N) rises by at most 1 per step); with N = B, step k is block k."""
+def sample_steps(
+    num_steps: int, num_blocks: int, schedule: MaskSchedule, t_boundaries: list[float] | None = None
+) -> tuple[list[float], list[int]]:
+    """The ancestral sampler's N+1 times, from 1 down to 0, at equal steps of the partition's coordinate v
+    (equal decrements of alpha; with explicit `t_boundaries`, v = b/B at boundary b and linear in t between
+    them), and the block serving each of the N steps, BY INDEX: step k goes from v = 1 - k/N to 1 - (k+1)/N
+    and is served by the block owning its start, block floor(k B / N). With N >= B no block is skipped
+    (floor(kB/N) rises by at most 1 per step); with N = B, step k is block k."""
     if num_steps < num_blocks:
         raise ValueError(
             f"{num_steps} sampling steps cannot visit all {num_blocks} blocks; use at least {num_blocks} steps"
         )
-    times = [1.0, *(schedule.t_of_u(1 - k / num_steps) for k in range(1, num_steps)), 0.0]
+
+    def t_at(v: float) -> float:
+        if t_boundaries is None:
+            return schedule.t_of_u(v)
+        x = v * num_blocks
+        b = min(int(x), num_blocks - 1)
+        return t_boundaries[b] + (x - b) * (t_boundaries[b + 1] - t_boundaries[b])
+
+    times = [1.0, *(t_at(1 - k / num_steps) for k in range(1, num_steps)), 0.0]
     return times, [(k * num_blocks) // num_steps for k in range(num_steps)]

@@ -175,7 +175,8 @@ class MaskedDiffusionLM(nn.Module):
                 "the cached sampler reuses a step's prediction at the next t, which is exact only for a denoiser "
                 "without time conditioning (model.time_conditioning: false); this model is time-conditioned."
             )
-        times, step_blocks = sample_steps(steps, self.num_blocks, self.schedule)
+        explicit = None if self.num_blocks == 1 else self.cfg.diffusion.t_boundaries
+        times, step_blocks = sample_steps(steps, self.num_blocks, self.schedule, explicit)
         dev = next(self.parameters()).device
         g = torch.Generator(device="cpu").manual_seed(seed)
         x = torch.full((num_samples, length), self.mask_id, dtype=torch.long)
