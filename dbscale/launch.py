@@ -133,6 +133,7 @@ def plan(
                 deepspeed,
                 "--hostfile",
                 str(job_hostfile),
+                "--force_multi",  # through pdsh even for one host: the block's hosts need not include this one
                 "--master_addr",
                 group[0][0],
                 "--master_port",
