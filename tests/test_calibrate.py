@@ -168,3 +168,11 @@ def test_prepare_calibrates_when_boundaries_are_null_and_blocks_wait_for_it(tiny
         Trainer(open_run(pending.root), 0, 0, 1)
     finished = prepare_run(cfg, pending.root, log=lambda *a: None)
     assert "pending" not in finished.manifest["partition"]
+
+
+def test_calibration_builds_its_denoiser_with_the_memory_switches(tiny_cfg, tmp_path):
+    # A recipe with the target-table head and context must calibrate too (the denoiser then needs the table).
+    cfg = tiny_cfg(model={"head": "target", "context_embedding": "target"})
+    r = prepare_run(cfg, tmp_path / "switches", log=lambda *a: None)
+    curve = measure_loss_curve(r, steps=3, layers=1, grid_points=3, val_windows=4, log=lambda *a: None)
+    assert len(curve["ce"]) == 3 and all(math.isfinite(c) for c in curve["ce"])

@@ -111,11 +111,12 @@ def measure_loss_curve(
     cfg = run.config
     d, t = cfg.diffusion, cfg.train
     torch.manual_seed(seed)
-    model = DenoiserBlock(cfg.model, run.vocab_size, layers, d.sigma_data)
+    E = run.load_target_embedding()
+    reads_table = "target" in (cfg.model.head, cfg.model.context_embedding)  # the head/context switches need it
+    model = DenoiserBlock(cfg.model, run.vocab_size, layers, d.sigma_data, E if reads_table else None)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     warmup = max(1, min(t.warmup_steps, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
-    E = run.load_target_embedding()
     train, val = run.shards("train"), run.shards("val")
     length = cfg.model.seq_len + 1
     rng = np.random.default_rng(seed)
