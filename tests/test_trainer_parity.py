@@ -11,16 +11,20 @@ from dbscale.train.metrics import read_metrics
 
 
 @pytest.mark.parametrize(
-    "block, zero_stage",
-    [(1, 2), (None, 2), (0, 3), (None, 1)],
-    ids=["block-zero2", "e2e-zero2", "block-zero3", "e2e-zero1"],
+    "block, zero_stage, switches",
+    [(1, 2, False), (None, 2, False), (0, 3, False), (None, 1, False), (1, 2, True)],
+    ids=["block-zero2", "e2e-zero2", "block-zero3", "e2e-zero1", "block-memory-switches"],
 )
-def test_deepspeed_trainer_matches_plain_torch(process_group, tiny_cfg, tmp_path, block, zero_stage):
-    """Losses per step match, and the merged (consolidated) checkpoint equals the reference weights."""
+def test_deepspeed_trainer_matches_plain_torch(process_group, tiny_cfg, tmp_path, block, zero_stage, switches):
+    """Losses per step match, and the merged (consolidated) checkpoint equals the reference weights. With the
+    memory switches (target-table head and context, chunked CE) the block's scalar logit scale goes through
+    DeepSpeed too."""
     from dbscale.merge import _consolidate
     from dbscale.train.trainer import Trainer, _seed
 
+    model_switches = {"head": "target", "context_embedding": "target"} if switches else {}
     cfg = tiny_cfg(
+        model=model_switches,
         train={
             "steps": 5,
             "save_every": 100,
@@ -28,7 +32,8 @@ def test_deepspeed_trainer_matches_plain_torch(process_group, tiny_cfg, tmp_path
             "grad_clip": 0.5,
             "weight_decay": 0.1,
             "zero_stage": zero_stage,
-        }
+            "ce_chunk": 16 if switches else 0,
+        },
     )
     run = prepare_run(cfg, tmp_path / "run", log=lambda *a: None)
     trainer = Trainer(run, block, rank=0, world_size=1)
@@ -40,8 +45,14 @@ def test_deepspeed_trainer_matches_plain_torch(process_group, tiny_cfg, tmp_path
     if block is None:
         model = LlamaLM(cfg.model, run.vocab_size)
     else:
-        model = DenoiserBlock(cfg.model, run.vocab_size, cfg.layer_allocation()[block], cfg.diffusion.sigma_data)
         table = run.load_target_embedding()
+        model = DenoiserBlock(
+            cfg.model,
+            run.vocab_size,
+            cfg.layer_allocation()[block],
+            cfg.diffusion.sigma_data,
+            table if switches else None,
+        )
     t = cfg.train
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=1e-8, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))

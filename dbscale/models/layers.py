@@ -237,7 +237,7 @@ class Head(nn.Module):
             # As nn.Linear draws it: keeps the random stream, so earlier runs' initialisations are reproduced.
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         elif kind == "target":
-            self.logit_scale = nn.Parameter(torch.zeros(()))
+            self.logit_scale = nn.Parameter(torch.zeros(1))  # shape (1,): DeepSpeed cannot broadcast 0-d parameters
         else:
             raise ValueError(f"unknown head '{kind}'")
 
