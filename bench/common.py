@@ -26,13 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
-# The paper's Llama shape (METHOD.md 7a) and a quick one that runs in seconds on a laptop CPU.
+# The paper's Llama shape (docs/METHOD.md 7a) and a quick one that runs in seconds on a laptop CPU.
 SHAPES = {
     "full": {"n_layers": 12, "d_model": 768, "n_heads": 12, "seq_len": 256, "vocab": 32000},
     "quick": {"n_layers": 12, "d_model": 192, "n_heads": 4, "seq_len": 128, "vocab": 8000},
 }
 
-# The masked family at the paper's text8 shape (METHOD.md 7b): 27 characters (the mask is an extra input id).
+# The masked family at the paper's text8 shape (docs/METHOD.md 7b): 27 characters (the mask is an extra input id).
 MASKED_SHAPES = {
     "full": {"n_layers": 12, "d_model": 768, "n_heads": 12, "seq_len": 256, "vocab": 27},
     "quick": {"n_layers": 12, "d_model": 192, "n_heads": 4, "seq_len": 128, "vocab": 27},
@@ -110,7 +110,14 @@ def measure_job(spec: dict) -> dict:
     import torch
 
     from dbscale.config import ModelConfig
-    from dbscale.models.llama import DenoiserBlock, LlamaLM, denoiser_loss, frozen_target_embedding, lm_loss
+    from dbscale.models.llama import (
+        DenoiserBlock,
+        LlamaLM,
+        block_reads_table,
+        denoiser_loss,
+        frozen_target_embedding,
+        lm_loss,
+    )
     from dbscale.profiling import saved_activation_bytes, state_bytes
 
     masked = spec.get("family", "llama") == "masked"
@@ -147,7 +154,7 @@ def measure_job(spec: dict) -> dict:
         model = DenoiserBlock(cfg, V, cfg.n_layers // B, 0.5, table)
     model.activation_checkpointing = bool(level.get("activation_checkpointing"))
     model.to(device=device, dtype=dtype)
-    if B > 1 and "target" in (cfg.head, cfg.context_embedding):
+    if B > 1 and block_reads_table(cfg):
         model.target_table = table.to(dtype)  # one copy of the run's table, shared with the noise targets
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     chunk = level.get("ce_chunk", 0)

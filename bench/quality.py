@@ -1,11 +1,16 @@
-"""Quality of DiffusionBlocks vs the end-to-end baseline at equal layer-updates, on the bundled corpus.
+"""Quality of DiffusionBlocks chains vs their end-to-end baselines at equal layer-updates, over seeds.
 
-    python bench/quality.py                      # the demo recipe, 400 steps per job (about 15 minutes here)
-    python bench/quality.py --minutes 45         # as many steps as fit in 45 minutes (calibrated)
+    python bench/quality.py                                     # demo recipe, 3 seeds (about 45 minutes here)
+    python bench/quality.py --name long --set train.steps=1600 --set train.warmup_steps=160
+    python bench/quality.py --seeds 0 --num-prompts 32         # one quick look
 
-Every block and the baseline get the same number of steps, so the total layer-updates are equal
-(B jobs x L/B layers = L layers, METHOD.md section 8). Trains through the real launchers, merges, runs
-tools/evaluate.py with --compare, prints the table and writes bench/results/quality.json.
+For each seed s a run is prepared from --config with train.seed=s (same data, tokenizer and calibrated
+partition), every block and the baseline are trained through the real launchers for the same number of steps
+(B jobs x L/B layers = L layers: equal layer-updates), and merged. Then ONE tools/evaluate.py call scores every
+chain and every baseline on the same held-out prompts, seeds and references (MAUVE with MiniLM features,
+generative perplexity under the first seed's baseline as judge, held-out accuracies). Prints the mean and the
+spread (half the range) over seeds and writes bench/results/quality[_<name>].json. A rerun resumes: finished
+jobs are recognised by their checkpoints.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -28,81 +34,121 @@ def sh(*args: str) -> None:
     subprocess.run(args, cwd=ROOT, env=ENV, check=True)
 
 
-def step_time(run: Path, job: str) -> float:
-    from dbscale.train.metrics import read_metrics
+def metric(result: dict, key: str) -> float | None:
+    h = result["heldout"]
+    return {
+        "mauve": result["mauve"]["mauve"],
+        "gen_ppl": result.get("generative_perplexity"),
+        "greedy_accuracy": h["accuracy"],
+        "sample_accuracy": h["sample_accuracy"],
+        "heldout_ce": h["ce"] if h.get("ce") is not None else None,
+        "first_step_ce": h.get("first_step_ce"),
+        "distinct_4": result["distinct_4grams"],
+    }[key]
 
-    times = sorted(e["step_time_s"] for e in read_metrics(run / job / "metrics.jsonl") if e["event"] == "train")
-    return times[len(times) // 2]
+
+KEYS = ("mauve", "gen_ppl", "greedy_accuracy", "sample_accuracy", "heldout_ce", "first_step_ce", "distinct_4")
+
+
+def summarise(results: list[dict]) -> dict:
+    out = {}
+    for key in KEYS:
+        values = [metric(r, key) for r in results if metric(r, key) is not None]
+        if values:
+            out[key] = {
+                "mean": statistics.mean(values),
+                "spread": (max(values) - min(values)) / 2,
+                "values": values,
+            }
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/llama_tiny.yaml")
-    p.add_argument("--run", default="runs/quality")
-    p.add_argument("--steps", type=int, default=400, help="steps per job (ignored with --minutes)")
-    p.add_argument("--minutes", type=float, help="wall-time budget for training; steps are calibrated to fit")
-    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--name", default="demo", help="names the runs (runs/quality_<name>_s<seed>) and the JSON")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="passed to prepare")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--num-prompts", type=int, default=128)
+    p.add_argument("--samples-per-prompt", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=50)
+    p.add_argument("--out", help="default: bench/results/quality_<name>.json")
     args = p.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
-    run = ROOT / args.run
-    sh(PY, "tools/prepare.py", "--config", args.config, "--run", str(run))
     from dbscale.run import open_run
 
-    r = open_run(run)
-    B, warmup = r.num_blocks, r.config.train.warmup_steps
-    steps = args.steps
-    if args.minutes:
-        calib = max(1, min(20, warmup))  # inside warm-up: the LR does not depend on the final step count
-        for job in [*(["launchers/train_block.py", "--block", str(b)] for b in range(B)), ["launchers/train_e2e.py"]]:
-            sh(PY, job[0], "--run", str(run), *job[1:], "--set", f"train.steps={calib}", "--set", "train.log_every=1")
-        per_step = sum(step_time(run, f"blocks/{b}") for b in range(B)) + step_time(run, "e2e")
-        budget = args.minutes * 60 - (time.time() - t0) - 15 * (B + 1)  # job start-up
-        steps = max(calib + 1, int(budget / per_step))
-        print(f"[quality] {per_step:.3f}s per step over all jobs -> {steps} steps per job", flush=True)
-    common = [
-        "--set",
-        f"train.steps={steps}",
-        "--set",
-        f"train.val_every={steps}",
-        "--set",
-        f"train.save_every={steps}",
-    ]
-    for b in range(B):
-        sh(PY, "launchers/train_block.py", "--run", str(run), "--block", str(b), *common)
-    sh(PY, "launchers/train_e2e.py", "--run", str(run), *common)
-    train_s = time.time() - t0
-    sh(PY, "tools/merge_blocks.py", "--run", str(run), "--allow-unfinished")
-    sh(PY, "tools/merge_blocks.py", "--run", str(run), "--e2e", "--allow-unfinished")
-    out = ROOT / "bench/results/quality.json"
+    runs, train_s = [], {}
+    for seed in seeds:
+        run = ROOT / "runs" / f"quality_{args.name}_s{seed}"
+        overrides = [x for item in [*args.set, f"train.seed={seed}"] for x in ("--set", item)]
+        sh(PY, "tools/prepare.py", "--config", args.config, "--run", str(run), *overrides)
+        t1 = time.time()
+        B = open_run(run).num_blocks
+        for b in range(B):
+            sh(PY, "launchers/train_block.py", "--run", str(run), "--block", str(b))
+        sh(PY, "launchers/train_e2e.py", "--run", str(run))
+        sh(PY, "tools/merge_blocks.py", "--run", str(run))
+        sh(PY, "tools/merge_blocks.py", "--run", str(run), "--e2e")
+        train_s[seed] = round(time.time() - t1, 1)
+        runs.append(run)
+    out = ROOT / (args.out or f"bench/results/quality_{args.name}.json")
+    models = [str(r / "merged") for r in runs] + [str(r / "e2e/merged") for r in runs]
+    t1 = time.time()
     sh(
         PY,
         "tools/evaluate.py",
         "--model",
-        str(run / "merged"),
-        "--compare",
-        str(run / "e2e/merged"),
+        models[0],
+        *[x for m in models[1:] for x in ("--compare", m)],
         "--data",
-        str(run),
+        str(runs[0]),
         "--num-prompts",
         str(args.num_prompts),
+        "--samples-per-prompt",
+        str(args.samples_per_prompt),
+        "--new-tokens",
+        str(args.new_tokens),
         "--out",
         str(out),
     )
     report = json.loads(out.read_text())
+    n = len(runs)
+    chains, baselines = report["results"][:n], report["results"][n:]
+    cfg = open_run(runs[0]).config
+    summary = {"chain": summarise(chains), "e2e": summarise(baselines)}
+    c, e = summary["chain"], summary["e2e"]
+    summary["ratios"] = {
+        "gen_ppl_chain_over_e2e": c["gen_ppl"]["mean"] / e["gen_ppl"]["mean"],
+        "mauve_chain_over_e2e": c["mauve"]["mean"] / e["mauve"]["mean"],
+    }
     report["bench"] = {
         "config": args.config,
-        "steps_per_job": steps,
-        "num_blocks": B,
-        "layers_per_block": r.config.layer_allocation(),
-        "train_wall_s": round(train_s, 1),
+        "overrides": args.set,
+        "seeds": seeds,
+        "steps_per_job": cfg.train.steps,
+        "num_blocks": cfg.diffusion.num_blocks,
+        "layers_per_block": cfg.layer_allocation(),
+        "block_design": {
+            k: getattr(cfg.model, k) for k in ("noisy_input", "readout", "readout_init", "adaln_gate_init")
+        },
+        "sampler": {"estimate": cfg.diffusion.sample_estimate, "step": cfg.diffusion.sample_step},
+        "loss_weighting": cfg.diffusion.loss_weighting,
+        "train_wall_s_per_seed": train_s,
+        "evaluate_wall_s": round(time.time() - t1, 1),
         "total_wall_s": round(time.time() - t0, 1),
     }
+    report["summary"] = summary
     out.write_text(json.dumps(report, indent=2) + "\n")
-    from dbscale.eval.protocol import format_table
-
-    print(format_table(report))
-    total_min = (time.time() - t0) / 60
-    print(f"[quality] {steps} steps per job; training {train_s / 60:.1f} min, total {total_min:.1f} min; {out}")
+    samples = args.num_prompts * args.samples_per_prompt
+    print(f"\n{args.name}: {cfg.train.steps} steps per job, seeds {seeds}, {samples} samples per model")
+    print(f"{'metric':18} {'DiffusionBlocks':>20} {'end-to-end':>20}")
+    for key in KEYS:
+        cells = [f"{s[key]['mean']:.3f} +- {s[key]['spread']:.3f}" if key in s else "-" for s in (c, e)]
+        print(f"{key:18} {cells[0]:>20} {cells[1]:>20}")
+    r = summary["ratios"]
+    print(f"gen. ppl chain / e2e {r['gen_ppl_chain_over_e2e']:.3f}; MAUVE chain / e2e {r['mauve_chain_over_e2e']:.3f}")
+    print(f"[quality] {(time.time() - t0) / 60:.1f} min; {out}")
     return 0
 
 

@@ -65,6 +65,29 @@ class ModelConfig:
         "d x e projection of the frozen target table: no V x d weights in a block job).",
     )
 
+    noisy_input: str = _field(
+        "token",
+        "AR denoiser block, what its noisy stream reads at position i: 'z' (the paper: in_proj(c_in * z_sigma) "
+        "only), 'token+z' (plus the context input of the token it follows, which a plain LM's predicting "
+        "position holds) or 'token' (that token alone; the noisy target then enters through the readout only).",
+    )
+    readout: str = _field(
+        "posterior",
+        "AR denoiser block readout: 'edm' (the paper: D = c_skip*z + c_out*F, then norm and head) or 'posterior' "
+        "(logits = head(norm(F)) + <z, E_v> / sigma^2: the network gives the context's prior, the exact Gaussian "
+        "likelihood of each target row E_v is added, so the softmax is the Bayes posterior p(v | context, z)).",
+    )
+    readout_init: str = _field(
+        "normal",
+        "AR denoiser block: initialise out_proj, the final AdaLN and the head at 'zero' (the paper: a fresh block "
+        "returns c_skip*z) or 'normal' (N(0, init_std), as a plain LM's head; no saddle at the start).",
+    )
+    adaln_gate_init: str = _field(
+        "zero",
+        "Denoiser layers' AdaLN gates at initialisation: 'zero' (adaLN-Zero, DiT: every layer starts as the "
+        "identity) or 'one' (every layer starts as the plain pre-norm Llama layer; shift and scale still 0).",
+    )
+
     time_conditioning: bool = _field(
         True,
         "Masked family: condition every layer on t through AdaLN (true), or not at all (false, MDLM's finding "
@@ -132,7 +155,9 @@ class DiffusionConfig:
     sigma_max: float = _field(80.0, "Highest noise level (the sampler starts from N(0, sigma_max^2)).")
     sigma_data: float = _field(0.5, "EDM sigma_data used by the preconditioning and the loss weight.")
     loss_weighting: str = _field(
-        "edm", "Per-sample loss weight: 'edm' = (s^2+sd^2)/(s*sd)^2 (paper), or 'none' (plain cross-entropy)."
+        "none",
+        "Per-sample loss weight: 'none' (plain cross-entropy: every sample is one classification; dbscale) or "
+        "'edm' = (s^2+sd^2)/(s*sd)^2 (the paper's, EDM's weight for an L2 loss).",
     )
     mask_schedule: str = _field(
         "linear",
@@ -155,6 +180,17 @@ class DiffusionConfig:
         None,
         "Llama: Euler steps per generated token; null = B (one call per block, the paper's setting). Masked: "
         "ancestral steps from all-mask to clean; null = model.seq_len.",
+    )
+    sample_estimate: str = _field(
+        "mean",
+        "Llama/Huginn chain: the clean estimate a step hands on: 'mean' (the paper: softmax(logits) @ E), "
+        "'argmax' (the embedding of the most likely token; Diffusion-LM's clamping) or 'sample' (the embedding of "
+        "a token drawn from the step's distribution at the generation temperature and top-p).",
+    )
+    sample_step: str = _field(
+        "euler",
+        "Llama/Huginn chain: 'euler' (the paper: the deterministic probability-flow step) or 'ancestral' (the "
+        "DDPM posterior step of the VE process: moves to the estimate and adds fresh noise).",
     )
 
 
@@ -265,6 +301,12 @@ _CHOICES = {
     "model.family": ("llama", "masked", "huginn"),
     "model.head": ("learned", "target"),
     "model.context_embedding": ("learned", "target"),
+    "model.noisy_input": ("z", "token+z", "token"),
+    "model.readout": ("edm", "posterior"),
+    "model.readout_init": ("zero", "normal"),
+    "model.adaln_gate_init": ("zero", "one"),
+    "diffusion.sample_estimate": ("mean", "argmax", "sample"),
+    "diffusion.sample_step": ("euler", "ancestral"),
     "diffusion.partition": ("equiprobable", "uniform", "calibrated"),
     "diffusion.loss_weighting": ("edm", "none"),
     "diffusion.mask_schedule": ("linear", "loglinear", "cosine"),

@@ -7,8 +7,9 @@ names, so conversion is a prefix change: HF keeps the body under `model.` and `l
   model.safetensors, tokenizer.model + tokenizer.json) that `AutoModelForCausalLM.from_pretrained` loads.
 - `import_hf(hf_dir, run)`: an HF Llama folder -> initial weights for a run's baseline and, with
   `blocks=True`, for each DiffusionBlocks block: block b takes the pretrained layers it owns, the pretrained
-  embedding (its context embedding), final norm and head; its time embedder, input projection, AdaLN and
-  readout start fresh (AdaLN and readout at zero), so training starts from the pretrained stack.
+  embedding (its context embedding), final norm and head; its time embedder and input projection start fresh,
+  its AdaLN modulation at zero with the gates open (the pretrained layers act from the first step), and the
+  readout as the pretrained one (posterior readout: out_proj the identity; the paper's EDM readout: at zero).
   This converts an existing model to block-wise continued training. Jobs pick the weights up from
   `R/init/` when they start without a checkpoint.
 """
@@ -168,6 +169,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, blocks: bool = False, log
     """Write `R/init/e2e.safetensors` (and `R/init/block_{b}.safetensors`) from an HF Llama folder."""
     from safetensors.torch import save_file
 
+    from dbscale.models.layers import zero_init_adaln
     from dbscale.models.llama import DenoiserBlock, LlamaLM
     from dbscale.run import open_run
 
@@ -217,6 +219,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, blocks: bool = False, log
         for b, n in enumerate(run.config.layer_allocation()):
             torch.manual_seed(run.config.train.seed + 1000 + b)
             block = DenoiserBlock(m, run.vocab_size, n, run.config.diffusion.sigma_data, table)
+            zero_init_adaln(block.layers, gate=1.0)  # adaLN-Zero would switch the pretrained layers off
             state = block.state_dict()
             if m.context_embedding == "learned":
                 state["embed_tokens.weight"] = e2e["embed_tokens.weight"]
@@ -227,6 +230,8 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, blocks: bool = False, log
             if m.embed_dim == m.d_model and m.head == "learned":  # the head reads the target space; reuse it
                 state["norm.weight"] = e2e["norm.weight"]
                 state["lm_head.weight"] = e2e["lm_head.weight"]
+                if m.readout == "posterior":  # head(norm(h)): the pretrained readout of the block's last layer
+                    state["out_proj.weight"] = torch.eye(m.d_model)
             offset += n
             name = f"block_{b}.safetensors"
             save_file({k: v.contiguous().float() for k, v in state.items()}, str(init / name))

@@ -120,11 +120,18 @@ def test_import_initialises_baseline_and_blocks(trained_baseline, tmp_path):
     assert torch.equal(block1["layers.0.self_attn.q_proj.weight"], pretrained["model.layers.1.self_attn.q_proj.weight"])
     assert torch.equal(block1["embed_tokens.weight"], pretrained["model.embed_tokens.weight"])
     assert torch.equal(block1["lm_head.weight"], pretrained["lm_head.weight"])
-    block = DenoiserBlock(target.config.model, target.vocab_size, 1, 0.5)
+    table = target.load_target_embedding()
+    block = DenoiserBlock(target.config.model, target.vocab_size, 1, 0.5, table).eval()
     block.load_state_dict(block1, strict=True)
-    z, sigma = torch.randn(1, 5, 32), torch.tensor([0.3])
-    D, _ = block(torch.randint(0, 512, (1, 5)), z, sigma)
-    torch.testing.assert_close(D, (0.25 / (0.09 + 0.25)) * z)  # AdaLN and readout start at zero: D = c_skip*z
+    assert torch.equal(block.out_proj.weight, torch.eye(32))  # the pretrained readout: head(norm(h))
+    gates = block.layers[0].adaLN_modulation.bias.view(6, 32)[[2, 5]]
+    assert torch.equal(gates, torch.ones(2, 32)) and block.layers[0].adaLN_modulation.weight.abs().sum() == 0
+    # so at sigma_max (no evidence) the block's prediction is the pretrained layer's, read out by the pretrained
+    # head: check it against the same computation done by hand with the pretrained modules
+    tokens = torch.randint(0, 512, (1, 5))
+    with torch.no_grad():
+        _, logits = block(tokens, 80.0 * torch.randn(1, 5, 32), torch.tensor([80.0]))
+    assert logits.std() > 0.01  # not the uniform prediction of a zero-initialised readout
 
     from dbscale.train.trainer import Trainer
 

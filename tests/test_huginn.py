@@ -183,7 +183,8 @@ def test_huginn_run_trains_both_merges_generates_and_refuses_the_wrong_family(tm
             ]
         )
         lines = [json.loads(line) for line in out.stdout.splitlines()]
-        assert lines[0]["new_tokens"] == 5 and 0 < lines[1]["ce"] < 10
+        ce = lines[1]["ce"] if model == "e2e/merged" else lines[1]["first_step_ce"]  # a chain's last step: one-hot
+        assert lines[0]["new_tokens"] == 5 and 0 < ce < 10 and 0 <= lines[1]["sample_accuracy"] <= 1
     model, _, manifest = load_merged(r / "merged", family="huginn")
     assert isinstance(model, HuginnDiffusionLM) and model.step_blocks == [0, 0, 1, 1]
     with pytest.raises(RunError, match="a merged 'huginn' model, but a 'llama' model is needed"):

@@ -94,13 +94,22 @@ def test_whole_life_of_a_run(config_file, tmp_path):
         )
         lines = [json.loads(line) for line in p.stdout.splitlines()]
         assert lines[0]["prompt"] == "The Congress" and 1 <= lines[0]["new_tokens"] <= 5
-        assert lines[1]["tokens"] == 4 * 32 and 0 < lines[1]["ce"] < 20
+        ce = lines[1]["ce"] if model == "e2e/merged" else lines[1]["first_step_ce"]  # a chain's last step: one-hot
+        assert lines[1]["tokens"] == 4 * 32 and 0 < ce < 20
 
     p = run(
         [PY, "tools/generate.py", "--model", str(r / "merged"), "--prompt", "word " * 40, "--max-new-tokens", "5"],
         expect=2,
     )
-    assert "exceeds the context of 32 tokens" in p.stderr and "Traceback" not in p.stderr
+    assert "fills the context of 32 tokens" in p.stderr and "at most 31 tokens" in p.stderr
+    assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1  # one line, no progress bar around it
+    p = run(
+        [PY, "tools/generate.py", "--model", str(r / "merged"), "--prompt", "word " * 3, "--max-new-tokens", "30"],
+        expect=2,
+    )
+    assert "exceeds the context of 32 tokens" in p.stderr and "lower --max-new-tokens to" in p.stderr
+    p = run([PY, "tools/generate.py", "--model", str(r / "merged"), "--prompt", "a", "--temperature", "-1"], expect=2)
+    assert "--temperature must be >= 0" in p.stderr
 
     p = run([PY, "tools/status.py", "--run", str(r), "--json"])
     rows = [json.loads(line) for line in p.stdout.splitlines()]

@@ -79,7 +79,7 @@ def test_chunked_ce_never_saves_the_full_logits():
 
 def test_target_head_reads_the_frozen_table_and_owns_no_vocabulary_weights():
     E = frozen_target_embedding(V, CFG.embed_dim, 3)
-    learned = DenoiserBlock(CFG, V, 1, 0.5)
+    learned = DenoiserBlock(CFG, V, 1, 0.5, E)
     target = randomize(DenoiserBlock(ModelConfig(**{**CFG.__dict__, "head": "target"}), V, 1, 0.5, E))
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(learned) - n(target) == V * CFG.embed_dim - 1  # the V x e head, less one trained scale
@@ -87,8 +87,10 @@ def test_target_head_reads_the_frozen_table_and_owns_no_vocabulary_weights():
     h = torch.randn(2, 5, CFG.embed_dim)
     torch.testing.assert_close(target.lm_head(h, table=E), target.lm_head.logit_scale * h @ E.T)
     fresh = DenoiserBlock(ModelConfig(**{**CFG.__dict__, "head": "target"}), V, 1, 0.5, E)
-    _, logits = fresh(torch.randint(0, V, (1, 4)), torch.randn(1, 4, CFG.embed_dim), torch.tensor([1.0]))
-    assert torch.equal(logits, torch.zeros_like(logits))  # zero scale: uniform, like a zero-initialised head
+    z = torch.randn(1, 4, CFG.embed_dim)
+    _, logits = fresh(torch.randint(0, V, (1, 4)), z, torch.tensor([2.0]))
+    # zero scale: the network adds nothing (uniform prior); the posterior readout leaves the Gaussian evidence
+    torch.testing.assert_close(logits, z @ E.T / 4.0)
 
 
 def test_target_context_embedding_projects_the_frozen_table():

@@ -1,4 +1,4 @@
-"""The noise partition and step schedule against METHOD.md's check values and their defining identities."""
+"""The noise partition and step schedule against docs/METHOD.md's check values and their defining identities."""
 
 import math
 
@@ -9,7 +9,7 @@ from dbscale.diffusion.partition import Partition, sigma_boundaries, step_sigmas
 
 EDM = dict(P_mean=-1.2, P_std=1.2, sigma_min=0.002, sigma_max=80.0)
 
-GOLDEN = {  # METHOD.md section 3, inner boundaries, ascending
+GOLDEN = {  # docs/METHOD.md section 3, inner boundaries, ascending
     2: [0.3012],
     3: [0.1796, 0.5050],
     4: [0.1341, 0.3012, 0.6766],

@@ -42,6 +42,8 @@ def main() -> int:
         default=d.mauve_text,
         help="what MAUVE featurizes (default: the continuation alone)",
     )
+    p.add_argument("--estimate", choices=["mean", "argmax", "sample"], help="chains: override the sampler's estimate")
+    p.add_argument("--step", choices=["euler", "ancestral"], help="chains: override the sampler's step")
     p.add_argument("--out", help="write the JSON here (default: stdout only)")
     args = p.parse_args()
     for name in ("num_prompts", "samples_per_prompt", "prompt_tokens", "new_tokens"):
@@ -63,9 +65,11 @@ def main() -> int:
         featurizer=args.featurizer,
         mauve_text=args.mauve_text,
     )
-    report = evaluate(
-        [args.model, *args.compare], args.data, settings, judge=args.judge, log=lambda m: print(m, file=sys.stderr)
-    )
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    sampler = {k: v for k, v in (("estimate", args.estimate), ("step", args.step)) if v}
+    models = [(m, sampler) for m in [args.model, *args.compare]]
+    report = evaluate(models, args.data, settings, judge=args.judge, log=lambda m: print(m, file=sys.stderr))
     print(format_table(report), file=sys.stderr)
     text = json.dumps(report, indent=2)
     if args.out:

@@ -47,6 +47,16 @@ def main() -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the paper's decoding)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--estimate",
+        choices=["mean", "argmax", "sample"],
+        help="DiffusionBlocks chain: the clean estimate each step hands on (default: diffusion.sample_estimate)",
+    )
+    p.add_argument(
+        "--step",
+        choices=["euler", "ancestral"],
+        help="DiffusionBlocks chain: the sampler step (default: diffusion.sample_step)",
+    )
     p.add_argument("--format", choices=["text", "jsonl"], default="text")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--heldout", metavar="RUN", help="also report teacher-forced CE/accuracy on RUN's validation split")
@@ -69,13 +79,21 @@ def main() -> int:
         p.error("--max-new-tokens must be >= 1")
     if not 0 < args.top_p <= 1:
         p.error("--top-p must be in (0, 1]")
+    if args.temperature < 0:
+        p.error("--temperature must be >= 0 (0 = greedy)")
 
     from tqdm import tqdm
 
-    from dbscale.generate import heldout_metrics, timed_generate
+    from dbscale.generate import check_prompt_length, heldout_metrics, prompt_ids, timed_generate
     from dbscale.merge import load_merged
 
     model, tokenizer, manifest = load_merged(args.model, args.device)
+    if args.estimate or args.step:
+        if manifest["kind"] != "blocks" or manifest.get("family", "llama") == "masked":
+            raise GenerationError(
+                f"--estimate and --step choose how a Gaussian chain samples; {args.model} is not one."
+            )
+        model.estimate, model.step = args.estimate or model.estimate, args.step or model.step
     label = "DiffusionBlocks" if manifest["kind"] == "blocks" else "end-to-end"
     if manifest.get("family", "llama") == "masked":
         return masked_main(args, model, tokenizer, manifest, label)
@@ -87,6 +105,11 @@ def main() -> int:
     prompts = read_prompts(args)
     if not prompts and not args.heldout:
         raise GenerationError("nothing to do: give --prompt, --prompt-file or --heldout.")
+    for n, prompt in enumerate(prompts, 1):  # every prompt is checked before anything is generated
+        try:
+            check_prompt_length(model, len(prompt_ids(tokenizer, prompt)), args.max_new_tokens)
+        except GenerationError as e:
+            raise GenerationError(f"prompt {n} ({prompt[:40]!r}...): {e}") from None
     bar = tqdm(total=len(prompts) * args.max_new_tokens, desc=f"generating ({label})", unit="tok", file=sys.stderr)
     for prompt in prompts:
         result = timed_generate(

@@ -106,13 +106,13 @@ def measure_loss_curve(
     sigma is drawn log-uniformly so every part of the range is trained; the loss is plain cross-entropy.
     Validation CE is measured at `grid_points` log-spaced sigmas with one fixed noise draw each.
     """
-    from dbscale.models.llama import DenoiserBlock, denoiser_loss
+    from dbscale.models.llama import DenoiserBlock, block_reads_table, denoiser_loss
 
     cfg = run.config
     d, t = cfg.diffusion, cfg.train
     torch.manual_seed(seed)
     E = run.load_target_embedding()
-    reads_table = "target" in (cfg.model.head, cfg.model.context_embedding)  # the head/context switches need it
+    reads_table = block_reads_table(cfg.model)  # the head/context/readout switches need it
     model = DenoiserBlock(cfg.model, run.vocab_size, layers, d.sigma_data, E if reads_table else None)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     warmup = max(1, min(t.warmup_steps, steps // 10))

@@ -1,4 +1,4 @@
-"""Masked diffusion (MD4 / MDLM, METHOD.md 7b): schedules, the t-partition, ELBO weights, sampler steps.
+"""Masked diffusion (MD4 / MDLM, docs/METHOD.md 7b): schedules, the t-partition, ELBO weights, sampler steps.
 
 A token is still unmasked at time t in [0, 1] with probability alpha(t); alpha decreases from alpha(0) = 1.
 The continuous-time negative ELBO of a sequence x_0 of T characters (MD4 Eq. 4, MDLM Eq. 10) is

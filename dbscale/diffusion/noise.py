@@ -1,6 +1,6 @@
 """EDM noise: preconditioning, loss weight, truncated log-normal sampling.
 
-Karras et al. 2022 ("EDM"), Table 1, with the DiffusionBlocks constants of METHOD.md section 2:
+Karras et al. 2022 ("EDM"), Table 1, with the DiffusionBlocks constants of docs/METHOD.md section 2:
 forward process z_sigma = y + sigma * eps (variance exploding), ln sigma ~ N(P_mean, P_std^2).
 """
 
@@ -46,7 +46,7 @@ def sample_truncated_lognormal(
     P_std: float,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """n draws of sigma from the log-normal truncated to [lo, hi], by inverse CDF (METHOD.md section 3).
+    """n draws of sigma from the log-normal truncated to [lo, hi], by inverse CDF (docs/METHOD.md section 3).
 
     Returns a float64 tensor of shape (n,); the caller casts. float64 keeps the tails of [0.002, 80] exact.
     """

@@ -114,13 +114,14 @@ def hf_judge_perplexity(path: str, prompt_texts: list[str], texts: list[str]) ->
 
 
 def evaluate(
-    model_dirs: list[str | Path],
+    model_dirs: list[str | Path | tuple[str | Path, dict]],
     run_dir: str | Path,
     s: EvalSettings,
     judge: str | None = None,
     log=print,
 ) -> dict:
-    """Evaluate one or more merged models with the same prompts, seeds and reference features."""
+    """Evaluate one or more merged models with the same prompts, seeds and reference features. An entry may be
+    (dir, {"estimate": ..., "step": ...}) to evaluate a chain with another sampler than its config's."""
     from dbscale.merge import load_merged
     from dbscale.run import open_run
 
@@ -150,13 +151,18 @@ def evaluate(
     tok = None
     results = []
     reference_features = None
-    for model_dir in model_dirs:
+    for spec in model_dirs:
         t0 = time.time()
+        model_dir, sampler = spec if isinstance(spec, tuple) else (spec, {})
         model, tok, manifest = load_merged(model_dir)
         require_family(manifest, run.config.model.family, f"tools/evaluate.py on {run.root} ({model_dir})")
         if manifest["tokenizer_sha256"] != run.manifest["tokenizer_sha256"]:
             raise GenerationError(f"{model_dir}: uses another tokenizer than the run {run.root}.")
         label = "DiffusionBlocks" if manifest["kind"] == "blocks" else "end-to-end"
+        if manifest["kind"] == "blocks":  # the chain's sampler: the model's config unless the spec overrides it
+            model.estimate = sampler.get("estimate", model.estimate)
+            model.step = sampler.get("step", model.step)
+            sampler = {"estimate": model.estimate, "step": model.step}
         log(f"[evaluate] {label} ({model_dir}): sampling {len(prompts)} x {s.samples_per_prompt} continuations")
         generated = sample_continuations(model, prompts, s, desc=f"sampling ({label})")
         prompt_texts = [tok.decode(p.tolist()) for p in prompts]
@@ -179,9 +185,13 @@ def evaluate(
         result = {
             "model": str(model_dir),
             "label": label,
+            "sampler": sampler or None,
             "mauve": {**mauve, "label": featurizer.label, "featurizer": s.featurizer},
             "heldout": heldout_metrics(
-                model, run.shards("val").fixed_windows(s.heldout_windows, run.config.model.seq_len + 1, seed=12345)
+                model,
+                run.shards("val").fixed_windows(s.heldout_windows, run.config.model.seq_len + 1, seed=12345),
+                temperature=s.temperature,
+                top_p=s.top_p,
             ),
             "distinct_4grams": distinct_ngrams(generated, 4),
             "samples": [
@@ -218,19 +228,23 @@ def distinct_ngrams(sequences: np.ndarray, n: int) -> float:
 
 
 def format_table(report: dict) -> str:
+    """The comparison table. 'held-out CE' is a plain LM's cross-entropy; a chain's last step is one-hot, so
+    its column shows the cross-entropy of its first step (block 0 from the context alone), marked '*'."""
     rows = report["results"]
     label = rows[0]["mauve"]["label"] if rows else "MAUVE"
     head = (
-        f"{'model':16} {label:>24} {'gen. ppl':>9} {'ref. ppl':>9} {'held-out CE':>11} {'accuracy':>8} "
-        f"{'distinct-4':>10}"
+        f"{'model':30} {label:>24} {'gen. ppl':>9} {'ref. ppl':>9} {'held-out CE':>11} {'greedy acc':>10} "
+        f"{'sample acc':>10} {'distinct-4':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        gp = r.get("generative_perplexity")
-        rp = r.get("reference_perplexity")
+        gp, rp, h = r.get("generative_perplexity"), r.get("reference_perplexity"), r["heldout"]
+        ce = f"{h['ce']:.3f}" if h.get("ce") is not None else f"{h['first_step_ce']:.3f}*"
+        sampler = r.get("sampler")
+        name = r["label"] + (f" ({sampler['estimate']}, {sampler['step']})" if sampler else "")
         lines.append(
-            f"{r['label']:16} {r['mauve']['mauve']:24.3f} {'-' if gp is None else f'{gp:9.1f}':>9} "
-            f"{'-' if rp is None else f'{rp:9.1f}':>9} {r['heldout']['ce']:11.3f} {r['heldout']['accuracy']:8.3f} "
+            f"{name:30} {r['mauve']['mauve']:24.3f} {'-' if gp is None else f'{gp:9.1f}':>9} "
+            f"{'-' if rp is None else f'{rp:9.1f}':>9} {ce:>11} {h['accuracy']:10.3f} {h['sample_accuracy']:10.3f} "
             f"{r['distinct_4grams']:10.3f}"
         )
     s = report["settings"]
@@ -238,4 +252,10 @@ def format_table(report: dict) -> str:
         f"{s['num_prompts']} prompts of {s['prompt_tokens']} tokens x {s['samples_per_prompt']} samples of "
         f"{s['new_tokens']} tokens, temperature {s['temperature']}, top-p {s['top_p']}; judge: {report['judge']}"
     )
+    if any(r["heldout"].get("ce") is None for r in rows):
+        lines.append(
+            "* a chain's last step is (nearly) one-hot, so its cross-entropy is no likelihood: shown is its first "
+            "step's (block 0 at sigma_max, from the context alone). Sample acc: a token drawn at the temperature "
+            "above is the true one (a plain LM: its expectation; a chain: one draw per position)."
+        )
     return "\n".join(lines)

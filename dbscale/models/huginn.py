@@ -1,4 +1,4 @@
-"""The Huginn family (METHOD.md 7c): recurrent depth, trained with truncated BPTT or as a DiffusionBlocks core.
+"""The Huginn family (docs/METHOD.md 7c): recurrent depth, trained with truncated BPTT or as a DiffusionBlocks core.
 
 - `HuginnLM` (baseline, after Geiping et al. 2025): prelude -> core iterated r times -> coda, all sandwich-norm
   causal layers of `models/layers.py`. The state starts as Gaussian noise; each iteration feeds the core
@@ -157,7 +157,9 @@ class HuginnLM(nn.Module):
         return torch.stack(rows)[None] * self.cfg.state_init_std
 
     @torch.no_grad()
-    def next_token_logits(self, cache: HuginnCache, new_tokens: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    def next_token_logits(
+        self, cache: HuginnCache, new_tokens: torch.Tensor, seed: int = 0, **sampling
+    ) -> torch.Tensor:
         start, n = len(cache), new_tokens.shape[1]
         positions = torch.arange(start, start + n, device=new_tokens.device)
         state = self.initial_state(seed, start, n).to(new_tokens.device)

@@ -54,7 +54,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def stream_attention_mask(key_pos: torch.Tensor, key_clean: torch.Tensor, num_queries: int) -> torch.Tensor:
     """Boolean (Tq, Tk) mask, True = may attend. The queries are the last `num_queries` keys.
 
-    The rule (METHOD.md 7a, BD3-LM with block size 1): a query sees every CLEAN key at an earlier
+    The rule (docs/METHOD.md 7a, BD3-LM with block size 1): a query sees every CLEAN key at an earlier
     position; a clean query also sees clean keys at its own position; every query sees itself; nothing
     sees a noisy key other than itself. With only clean tokens this is the ordinary causal mask.
     """
@@ -153,7 +153,7 @@ class SwiGLU(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """c_noise -> sinusoidal features -> Linear -> SiLU -> Linear (DiT, METHOD.md section 5)."""
+    """c_noise -> sinusoidal features -> Linear -> SiLU -> Linear (DiT, docs/METHOD.md section 5)."""
 
     # c_noise = ln(sigma)/4 spans about [-1.6, 1.1]; scaled like DiT's t in [0, 1000] so the sinusoids
     # resolve it at many frequencies.
@@ -224,6 +224,8 @@ class Head(nn.Module):
     'learned': a (V, dim) weight (a bias-free Linear; the name `lm_head.weight` matches Hugging Face).
     'target': logits = scale * h @ E^T with the run's frozen target table E, passed in by the caller; only the
     scalar scale is trained (zero-initialised, so a fresh block predicts uniformly, like a zero head).
+    `evidence` = (u, E) adds u @ E^T to the logits (the posterior readout's Gaussian log-likelihood, u = z/sigma^2),
+    in fp32 and chunk by chunk like the logits themselves.
     With `targets`, returns CE per token; `chunk` > 0 builds the logits of `chunk` tokens at a time under
     activation checkpointing, so neither forward nor backward ever holds more than one chunk of logits.
     The loss is computed inside this module's forward, so ZeRO-3 has gathered the weight when it is used.
@@ -241,13 +243,20 @@ class Head(nn.Module):
         else:
             raise ValueError(f"unknown head '{kind}'")
 
-    def logits(self, h: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, table: torch.Tensor | None = None, evidence: tuple | None = None) -> torch.Tensor:
         if self.kind == "learned":
-            return F.linear(h, self.weight)
-        return F.linear(h * self.logit_scale.to(h.dtype), table.to(h.dtype))  # scaling h saves no V-sized tensor
+            out = F.linear(h, self.weight)
+        else:
+            out = F.linear(h * self.logit_scale.to(h.dtype), table.to(h.dtype))  # scaling h saves no V-sized tensor
+        if evidence is None:
+            return out
+        u, E = evidence
+        u = at_least_fp32(u)  # the evidence reaches 1/sigma_min^2: never in half precision
+        return at_least_fp32(out) + F.linear(u, E.to(u.dtype))
 
-    def _chunk_ce(self, h: torch.Tensor, targets: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
-        return F.cross_entropy(at_least_fp32(self.logits(h, table)), targets, reduction="none")
+    def _chunk_ce(self, h, targets, table, u=None, E=None) -> torch.Tensor:
+        logits = self.logits(h, table, None if u is None else (u, E))
+        return F.cross_entropy(at_least_fp32(logits), targets, reduction="none")
 
     def forward(
         self,
@@ -255,16 +264,26 @@ class Head(nn.Module):
         targets: torch.Tensor | None = None,
         chunk: int = 0,
         table: torch.Tensor | None = None,
+        evidence: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         if targets is None:
-            return self.logits(h, table)
+            return self.logits(h, table, evidence)
         flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        u, E = (None, None) if evidence is None else (evidence[0].reshape(-1, evidence[0].shape[-1]), evidence[1])
         if chunk <= 0 or chunk >= flat_t.numel() or not torch.is_grad_enabled():
-            ce = self._chunk_ce(flat_h, flat_t, table)
+            ce = self._chunk_ce(flat_h, flat_t, table, u, E)
         else:
             ce = torch.cat(
                 [
-                    checkpoint(self._chunk_ce, flat_h[i : i + chunk], flat_t[i : i + chunk], table, use_reentrant=False)
+                    checkpoint(
+                        self._chunk_ce,
+                        flat_h[i : i + chunk],
+                        flat_t[i : i + chunk],
+                        table,
+                        None if u is None else u[i : i + chunk],
+                        E,
+                        use_reentrant=False,
+                    )
                     for i in range(0, flat_t.numel(), chunk)
                 ]
             )
@@ -302,9 +321,15 @@ def init_weights(module: nn.Module, std: float) -> None:
             nn.init.normal_(m.weight, 0.0, std)
 
 
-def zero_init_adaln(layers: nn.ModuleList) -> None:
-    """adaLN-Zero: every gate, shift and scale starts at 0, so each conditioned layer starts as identity."""
+def zero_init_adaln(layers: nn.ModuleList, gate: float = 0.0) -> None:
+    """adaLN-Zero (gate 0): every gate, shift and scale starts at 0, so each conditioned layer starts as the
+    identity. gate 1: the gates start open, so each layer starts as the plain pre-norm layer."""
     for layer in layers:
         if layer.adaLN_modulation is not None:
             nn.init.zeros_(layer.adaLN_modulation.weight)
             nn.init.zeros_(layer.adaLN_modulation.bias)
+            if gate:
+                d = layer.adaLN_modulation.out_features // 6  # (shift, scale, gate) for attention, then MLP
+                with torch.no_grad():
+                    layer.adaLN_modulation.bias[2 * d : 3 * d].fill_(gate)
+                    layer.adaLN_modulation.bias[5 * d :].fill_(gate)

@@ -2,7 +2,7 @@
 
 Training windows hold seq_len + 1 tokens x_0..x_T. Both models learn p(x_i | x_<i) for i = 1..T:
 - `LlamaLM` (baseline): causal transformer over x_0..x_{T-1}, logits for x_1..x_T.
-- `DenoiserBlock` (METHOD.md 7a): the clean stream x_0..x_{T-1} at positions 0..T-1 and the noisy stream
+- `DenoiserBlock` (docs/METHOD.md 7a): the clean stream x_0..x_{T-1} at positions 0..T-1 and the noisy stream
   z_i = y_i + sigma*eps, y_i = E[x_i], at positions 1..T, concatenated [clean; noisy]. Noisy z_i sees
   itself and clean x_j for j < i; clean never sees noisy. The readout at a noisy position is
   D = c_skip*z + c_out*F, then an AdaLN-modulated norm and the head give logits for x_i.
@@ -19,7 +19,7 @@ from torch import nn
 from dbscale.config import Config, ModelConfig
 from dbscale.diffusion.noise import edm_loss_weight, edm_precond
 from dbscale.diffusion.partition import config_step_sigmas, steps_to_blocks
-from dbscale.diffusion.sampler import sample_chain
+from dbscale.diffusion.sampler import clean_estimate, sample_chain
 from dbscale.models.layers import (
     Head,
     KVCache,
@@ -37,7 +37,7 @@ from dbscale.models.layers import (
 
 
 def frozen_target_embedding(vocab_size: int, dim: int, seed: int) -> torch.Tensor:
-    """The run's shared target space: a seeded Gaussian table with unit-L2-norm rows (METHOD.md 4)."""
+    """The run's shared target space: a seeded Gaussian table with unit-L2-norm rows (docs/METHOD.md 4)."""
     g = torch.Generator().manual_seed(seed)
     table = torch.randn(vocab_size, dim, generator=g, dtype=torch.float32)
     return F.normalize(table, dim=-1)
@@ -95,20 +95,27 @@ class LlamaLM(nn.Module):
         return KVCache()
 
     @torch.no_grad()
-    def next_token_logits(self, cache: KVCache, new_tokens: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        """Append new_tokens (1, n) to the context; logits (1, V) for the token after them."""
+    def next_token_logits(self, cache: KVCache, new_tokens: torch.Tensor, seed: int = 0, **sampling) -> torch.Tensor:
+        """Append new_tokens (1, n) to the context; logits (1, V) for the token after them. (`sampling`: the
+        chain's temperature / top_p, which a plain LM applies to these logits instead.)"""
         start = len(cache)
         positions = torch.arange(start, start + new_tokens.shape[1], device=new_tokens.device)
         return self(new_tokens, positions, cache)[:, -1].float()
+
+
+def block_reads_table(cfg: ModelConfig) -> bool:
+    """Whether a denoiser block needs the run's frozen target table at run time (beyond its noisy targets)."""
+    return "target" in (cfg.head, cfg.context_embedding) or cfg.readout == "posterior"
 
 
 class DenoiserBlock(nn.Module):
     """One DiffusionBlocks block of the AR family: `n_layers` AdaLN layers plus its own context embedding,
     time embedder, input projection, readout, final norm and head. Knows nothing about other blocks.
 
-    With model.head / model.context_embedding = 'target', the head and/or the context embedding read the run's
-    frozen target table (`target_embedding`, required then; kept as a non-persistent buffer) instead of
-    owning V-sized weights."""
+    The design elements a config switches (model.noisy_input, readout, readout_init, adaln_gate_init) are
+    described in ModelConfig; the paper's block is noisy_input 'z', readout 'edm', both inits 'zero'.
+    The frozen target table (`target_embedding`) is required when the head, the context embedding or the
+    posterior readout read it; it is kept as a non-persistent buffer (it belongs to the run, not the block)."""
 
     def __init__(
         self,
@@ -125,10 +132,13 @@ class DenoiserBlock(nn.Module):
         # context_features: the caller passes the clean context as (B, Tc, d) features (Huginn's prelude output)
         self.context_features = context_features
         d, e = cfg.d_model, cfg.embed_dim
-        if "target" in (cfg.head, cfg.context_embedding):
+        if block_reads_table(cfg):
             if target_embedding is None or tuple(target_embedding.shape) != (vocab_size, e):
                 got = None if target_embedding is None else tuple(target_embedding.shape)
-                raise ValueError(f"head/context 'target' needs the ({vocab_size}, {e}) target table, got {got}")
+                raise ValueError(
+                    f"head/context 'target' or readout 'posterior' needs the ({vocab_size}, {e}) target table, "
+                    f"got {got}"
+                )
             self.register_buffer("target_table", target_embedding, persistent=False)
         else:
             self.target_table = None
@@ -138,22 +148,24 @@ class DenoiserBlock(nn.Module):
             self.embed_tokens = nn.Embedding(vocab_size, d)  # the clean context
         else:
             self.ctx_proj = nn.Linear(e, d, bias=False)  # the clean context, read from the frozen table
-        self.in_proj = nn.Linear(e, d, bias=False)  # c_in * z_sigma -> hidden
+        # c_in * z_sigma -> hidden (the paper's noisy input; absent with noisy_input 'token')
+        self.in_proj = nn.Linear(e, d, bias=False) if "z" in cfg.noisy_input else None
         self.time_embed = TimestepEmbedder(d, cfg.time_freq_dim)
         self.layers = nn.ModuleList(TransformerLayer(cfg, adaln=True, sandwich=sandwich) for _ in range(n_layers))
         self.out_proj = nn.Linear(d, e, bias=False)  # F: hidden -> target space
         self.norm = RMSNorm(e, cfg.norm_eps)
         self.final_adaLN = nn.Linear(d, 2 * e)
-        self.lm_head = Head(e, vocab_size, cfg.head)  # zero-initialised either way
+        self.lm_head = Head(e, vocab_size, cfg.head)  # 'target' heads start at zero either way
         self.activation_checkpointing = False
         init_weights(self, cfg.init_std)
-        zero_init_adaln(self.layers)
-        for zero in (self.out_proj, self.final_adaLN):  # a fresh block returns D = c_skip*z
+        zero_init_adaln(self.layers, gate=1.0 if cfg.adaln_gate_init == "one" else 0.0)
+        zeros = [self.final_adaLN]  # the final modulation starts as the identity either way
+        if cfg.readout_init == "zero":  # the paper: a fresh block returns D = c_skip*z and a uniform prediction
+            zeros += [self.out_proj] + ([self.lm_head] if cfg.head == "learned" else [])
+        for zero in zeros:
             nn.init.zeros_(zero.weight)
-            if zero.bias is not None:
+            if getattr(zero, "bias", None) is not None:
                 nn.init.zeros_(zero.bias)
-        if cfg.head == "learned":
-            nn.init.zeros_(self.lm_head.weight)
 
     def embed_context(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.context_features:
@@ -172,13 +184,15 @@ class DenoiserBlock(nn.Module):
         cache: KVCache | None = None,
         targets: torch.Tensor | None = None,
         ce_chunk: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """clean_tokens: (B, Tc) ids (or (B, Tc, d) features with context_features), z: (B, Tn, e) noisy
         targets, sigma: (B,).
 
-        Default positions are the training layout (clean 0..Tc-1, noisy 1..Tn). With a cache, the clean
-        tokens are appended to it (noisy ones never are). Returns D (B, Tn, e) in fp32 and logits (B, Tn, V),
-        or with targets (B, Tn) the per-token cross-entropy (B, Tn) in place of the logits.
+        Default positions are the training layout (clean 0..Tc-1, noisy 1..Tn): noisy position i follows the
+        clean token at i-1, which is the last Tn clean inputs of the call. With a cache, the clean tokens are
+        appended to it (noisy ones never are). Returns (D, logits): D (B, Tn, e) in fp32 is the EDM readout's
+        denoised estimate (None for the posterior readout: the sampler forms its estimate from the logits);
+        logits (B, Tn, V), or with targets (B, Tn) the per-token cross-entropy (B, Tn) in their place.
         """
         B, Tc = clean_tokens.shape[:2]
         Tn = z.shape[1]
@@ -187,12 +201,20 @@ class DenoiserBlock(nn.Module):
             clean_pos = torch.arange(Tc, device=dev)
         if noisy_pos is None:
             noisy_pos = torch.arange(1, Tn + 1, device=dev)
-        dtype = self.in_proj.weight.dtype
+        dtype = self.out_proj.weight.dtype
         c_skip, c_out, c_in, c_noise = (c.view(B, 1, 1) for c in edm_precond(at_least_fp32(sigma), self.sigma_data))
         cond = self.time_embed(c_noise.view(B))
 
         z = at_least_fp32(z)
-        x = torch.cat([self.embed_context(clean_tokens), self.in_proj((c_in * z).to(dtype))], dim=1)
+        context = self.embed_context(clean_tokens)
+        noisy = 0
+        if self.in_proj is not None:
+            noisy = self.in_proj((c_in * z).to(dtype))
+        if "token" in self.cfg.noisy_input:
+            if Tc < Tn:
+                raise ValueError(f"noisy_input '{self.cfg.noisy_input}': {Tn} noisy positions follow {Tc} clean tokens")
+            noisy = noisy + context[:, Tc - Tn :]  # the token each noisy position follows
+        x = torch.cat([context, noisy], dim=1)
         new_pos = torch.cat([clean_pos, noisy_pos])
         new_clean = torch.cat(
             [torch.ones(Tc, dtype=torch.bool, device=dev), torch.zeros(Tn, dtype=torch.bool, device=dev)]
@@ -208,9 +230,16 @@ class DenoiserBlock(nn.Module):
         if cache is not None and Tc:
             cache.positions = clean_pos if cache.positions is None else torch.cat([cache.positions, clean_pos])
 
-        F_x = at_least_fp32(self.out_proj(h[:, Tc:]))
-        D = c_skip * z + c_out * F_x  # EDM Eq. 7
         shift, scale = self.final_adaLN(F.silu(cond))[:, None, :].chunk(2, dim=-1)
+        F_x = self.out_proj(h[:, Tc:])
+        if self.cfg.readout == "posterior":
+            # log p(v | context, z) = log p(v | context) + <z, E_v> / sigma^2 + const: the rows E_v have unit
+            # norm, so the Gaussian likelihood N(z; E_v, sigma^2 I) differs between tokens by that term alone.
+            sigma2 = at_least_fp32(sigma).view(B, 1, 1) ** 2
+            evidence = (z / sigma2, self.target_table)
+            h_out = modulate(self.norm(F_x), shift, scale)
+            return None, self.lm_head(h_out, targets, ce_chunk, self.target_table, evidence)
+        D = c_skip * z + c_out * at_least_fp32(F_x)  # EDM Eq. 7
         h_out = modulate(self.norm(D.to(dtype)), shift, scale)
         return D, self.lm_head(h_out, targets, ce_chunk, self.target_table)
 
@@ -230,7 +259,7 @@ def denoiser_loss(
     sigma_data: float,
     ce_chunk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-block objective (paper Eq. 6 with a cross-entropy readout, METHOD.md 4).
+    """The per-block objective (paper Eq. 6 with a cross-entropy readout, docs/METHOD.md 4).
 
     window: (B, T+1) ids; sigma: (B,) one noise level per sequence; noise: (B, T, e) ~ N(0, I).
     Returns (loss = mean of w(sigma) * CE, per-sequence plain CE (B,)), both fp32.
@@ -244,7 +273,12 @@ def denoiser_loss(
 
 
 class DiffusionBlocksLM(nn.Module):
-    """The merged model: B denoiser blocks and the frozen target table, sampled as an Euler chain."""
+    """The merged model: B denoiser blocks and the frozen target table, sampled as a chain of steps.
+
+    `estimate` and `step` (diffusion.sample_estimate / sample_step, see dbscale/diffusion/sampler.py) may be
+    changed on a loaded model. Every random draw of the chain for one position (its starting noise, the
+    uniforms of sampled estimates, the noise of ancestral steps) comes from a generator seeded by (seed,
+    position), so cached, uncached and teacher-forced runs of the chain draw the same numbers."""
 
     def __init__(self, cfg: Config, vocab_size: int, target_embedding: torch.Tensor):
         super().__init__()
@@ -256,6 +290,7 @@ class DiffusionBlocksLM(nn.Module):
         self.register_buffer("target_embedding", target_embedding.float(), persistent=True)
         self.sigmas = config_step_sigmas(d, self.default_steps(cfg))
         self.step_blocks = steps_to_blocks(len(self.sigmas), d.num_blocks)
+        self.estimate, self.step = d.sample_estimate, d.sample_step
 
     @staticmethod
     def make_block(cfg: Config, vocab_size: int, n_layers: int, table: torch.Tensor) -> nn.Module:
@@ -272,53 +307,84 @@ class DiffusionBlocksLM(nn.Module):
         """What each block reads for the new clean tokens (their ids here; Huginn runs its preludes once)."""
         return [new_tokens] * len(self.blocks)
 
-    def start_noise(self, seed: int, position: int) -> torch.Tensor:
-        """The chain's starting state for one position, (1, 1, e) ~ N(0, sigma_max^2), seeded by position."""
+    def position_draws(self, seed: int, position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The chain's random numbers for one position: starting state (e,) ~ N(0, sigma_max^2), one uniform per
+        step (K,) for sampled estimates, and ancestral noise (K, e) ~ N(0, I)."""
+        e, K = self.target_embedding.shape[1], len(self.sigmas)
         g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + position)
-        return torch.randn(1, 1, self.target_embedding.shape[1], generator=g) * self.sigmas[0]
+        z0 = torch.randn(e, generator=g) * self.sigmas[0]
+        return z0, torch.rand(K, generator=g), torch.randn(K, e, generator=g)
+
+    def start_noise(self, seed: int, position: int) -> torch.Tensor:
+        """The chain's starting state for one position, (1, 1, e)."""
+        return self.position_draws(seed, position)[0].view(1, 1, -1)
+
+    def run_chain(self, call_block, z, u, noise, temperature: float, top_p: float, on_step=None) -> torch.Tensor:
+        """The chain from z at sigma_max. call_block(step, block, z, sigma) -> logits; u (..., K) and noise
+        (..., K, e) are the per-position draws; on_step(step, block, sigma, logits) sees every step.
+        Returns the last step's logits."""
+        E = self.target_embedding
+
+        def denoise(step: int, block: int, z: torch.Tensor, sigma: float):
+            logits = call_block(step, block, z, sigma)
+            if on_step is not None:
+                on_step(step, block, sigma, logits)
+            return clean_estimate(logits, E, self.estimate, temperature, top_p, u[..., step]), logits
+
+        logits, _ = sample_chain(denoise, z, self.sigmas, self.step_blocks, self.step, lambda k: noise[..., k, :])
+        return logits.float()
 
     @torch.no_grad()
-    def next_token_logits(self, cache: list[KVCache], new_tokens: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    def next_token_logits(
+        self, cache: list[KVCache], new_tokens: torch.Tensor, seed: int = 0, temperature: float = 0.0, top_p=1.0
+    ) -> torch.Tensor:
         """Append new_tokens (1, n) to every step's context; run the chain for the next position.
 
-        The starting noise is drawn from a generator seeded by (seed, position), so cached and uncached
-        generation draw the same z. Returns the last step's logits (1, V).
-        """
+        temperature / top_p shape the chain's sampled estimates (estimate 'sample'). Returns the last step's
+        logits (1, V)."""
         dev = new_tokens.device
         start = len(cache[0])
         n = new_tokens.shape[1]
         clean_pos = torch.arange(start, start + n, device=dev)
         noisy_pos = torch.tensor([start + n], device=dev)
-        z = self.start_noise(seed, start + n).to(dev)
+        z0, u, noise = (x.to(dev) for x in self.position_draws(seed, start + n))
         context = self.context_inputs(cache, new_tokens, clean_pos)
 
-        def denoise(step: int, block: int, z: torch.Tensor, sigma: float):
+        def call_block(step: int, block: int, z: torch.Tensor, sigma: float) -> torch.Tensor:
             s = torch.full((1,), sigma, device=dev)
-            _, logits = self.blocks[block](context[block], z, s, clean_pos, noisy_pos, cache[step])
-            estimate = logits.float().softmax(-1) @ self.target_embedding  # E[y | z], METHOD.md 4
-            return estimate, logits
+            return self.blocks[block](context[block], z, s, clean_pos, noisy_pos, cache[step])[1]
 
-        logits, _ = sample_chain(denoise, z, self.sigmas, self.step_blocks)
-        return logits[:, -1].float()
+        logits = self.run_chain(call_block, z0.view(1, 1, -1), u.view(1, 1, -1), noise[None, None], temperature, top_p)
+        return logits[:, -1]
+
+    def window_draws(self, B: int, T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """position_draws for noisy positions 1..T of B windows, window b with seed + b: (B, T, e), (B, T, K),
+        (B, T, K, e)."""
+        draws = [self.position_draws(seed + b, p) for b in range(B) for p in range(1, T + 1)]
+        return tuple(torch.stack(x).view(B, T, *x[0].shape) for x in zip(*draws, strict=True))
 
     @torch.no_grad()
-    def teacher_forced_logits(self, window: torch.Tensor, seed: int = 0, z: torch.Tensor | None = None) -> torch.Tensor:
+    def teacher_forced_logits(
+        self,
+        window: torch.Tensor,
+        seed: int = 0,
+        z: torch.Tensor | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        on_step=None,
+    ) -> torch.Tensor:
         """Run the chain for every position of (B, T+1) windows at once, given the true context.
 
         Each noisy position only sees the clean context before it, so all T predictions are independent
-        chains that can share one batched call per step. z: optional starting noise (B, T, e), already
-        scaled by sigma_max. Returns the final-step logits (B, T, V).
+        chains that share one batched call per step; window b draws as generation with seed + b would.
+        z: optional starting noise (B, T, e), already scaled by sigma_max. Returns the final-step logits (B, T, V).
         """
         context = window[:, :-1]
         B, T = context.shape
-        if z is None:
-            g = torch.Generator(device="cpu").manual_seed(seed)
-            z = torch.randn(B, T, self.target_embedding.shape[1], generator=g) * self.sigmas[0]
-        z = z.to(window.device)
+        z0, u, noise = (x.to(window.device) for x in self.window_draws(B, T, seed))
+        z = z0 if z is None else z.to(window.device)
 
-        def denoise(step: int, block: int, z: torch.Tensor, sigma: float):
-            _, logits = self.blocks[block](context, z, torch.full((B,), sigma, device=window.device))
-            return logits.float().softmax(-1) @ self.target_embedding, logits
+        def call_block(step: int, block: int, z: torch.Tensor, sigma: float) -> torch.Tensor:
+            return self.blocks[block](context, z, torch.full((B,), sigma, device=window.device))[1]
 
-        logits, _ = sample_chain(denoise, z, self.sigmas, self.step_blocks)
-        return logits.float()
+        return self.run_chain(call_block, z, u, noise, temperature, top_p, on_step)

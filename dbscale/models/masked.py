@@ -1,4 +1,4 @@
-"""The masked family (METHOD.md 7b): a bidirectional transformer denoiser of partially masked sequences.
+"""The masked family (docs/METHOD.md 7b): a bidirectional transformer denoiser of partially masked sequences.
 
 - `MaskedDenoiser`: embedding of V symbols + the mask id V, `n_layers` bidirectional layers of
   `models/layers.py` conditioned on t through AdaLN (or unconditioned), final norm and a head over the V

@@ -22,7 +22,7 @@ from dbscale.diffusion.noise import sample_truncated_lognormal
 from dbscale.errors import CheckpointError, DbscaleError, RunError
 from dbscale.hf import load_init_weights
 from dbscale.models.huginn import HuginnDenoiser, HuginnLM, sample_recurrence
-from dbscale.models.llama import DenoiserBlock, LlamaLM, denoiser_loss, lm_loss
+from dbscale.models.llama import DenoiserBlock, LlamaLM, block_reads_table, denoiser_loss, lm_loss
 from dbscale.models.masked import MaskedDenoiser, masked_elbo_terms
 from dbscale.run import Run
 from dbscale.train import checkpoint as ckpt
@@ -81,7 +81,7 @@ class Trainer:
         else:
             n_layers = cfg.layer_allocation()[block]
             table = run.load_target_embedding()  # one copy: the noisy targets, and the head/context if they read it
-            reads_table = "target" in (cfg.model.head, cfg.model.context_embedding)
+            reads_table = block_reads_table(cfg.model)
             if cfg.model.family == "huginn":
                 model = HuginnDenoiser(
                     cfg.model, run.vocab_size, cfg.diffusion.sigma_data, table if reads_table else None

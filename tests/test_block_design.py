@@ -1,0 +1,220 @@
+"""The denoiser block's design switches and the chain's sampler, against brute force and second implementations."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from test_models import CFG, V, randomize
+
+from dbscale.config import Config, ConfigError, config_from_dict
+from dbscale.diffusion.noise import edm_precond
+from dbscale.diffusion.sampler import ancestral_step, clean_estimate, draw_tokens, nucleus
+from dbscale.generate import generate_ids
+from dbscale.models.layers import TransformerLayer, rope_cos_sin, zero_init_adaln
+from dbscale.models.llama import DenoiserBlock, DiffusionBlocksLM, denoiser_loss, frozen_target_embedding
+
+DBSCALE = CFG  # dbscale's default block: noisy input 'token', posterior readout, normal readout init, adaLN-Zero
+PAPER = dataclasses.replace(CFG, noisy_input="z", readout="edm", readout_init="zero")
+E = frozen_target_embedding(V, CFG.embed_dim, 0)
+
+
+def test_posterior_readout_adds_the_exact_gaussian_log_likelihood():
+    """With the network's prior zeroed, the block's distribution is the Bayes posterior under a uniform prior:
+    softmax over v of log N(z; E_v, sigma^2 I), computed here directly from the Gaussian density."""
+    block = DenoiserBlock(dataclasses.replace(DBSCALE, readout_init="zero"), V, 2, 0.5, E).eval()
+    window = torch.randint(0, V, (2, 7))
+    sigma = torch.tensor([0.3, 1.7])
+    z = E[window[:, 1:]] + sigma.view(-1, 1, 1) * torch.randn(2, 6, CFG.embed_dim)
+    D, logits = block(window[:, :-1], z, sigma)
+    assert D is None
+    log_density = -((z[:, :, None, :] - E[None, None]) ** 2).sum(-1) / (2 * sigma.view(-1, 1, 1) ** 2)
+    torch.testing.assert_close(logits.log_softmax(-1), log_density.log_softmax(-1), rtol=1e-4, atol=1e-4)
+
+
+def test_posterior_readout_loss_matches_its_logits_and_chunks():
+    block = randomize(DenoiserBlock(DBSCALE, V, 2, 0.5, E)).train()
+    window = torch.randint(0, V, (3, 9))
+    sigma, noise = torch.tensor([0.05, 0.4, 9.0]), torch.randn(3, 8, CFG.embed_dim)
+    z = E[window[:, 1:]] + sigma.view(-1, 1, 1) * noise
+    _, logits = block(window[:, :-1], z, sigma)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), window[:, 1:], reduction="none")
+    for chunk in (0, 5):
+        _, per_token = block(window[:, :-1], z, sigma, targets=window[:, 1:], ce_chunk=chunk)
+        torch.testing.assert_close(per_token, ce, rtol=1e-5, atol=1e-5)
+        loss, per_seq = denoiser_loss(block, window, E, sigma, noise, "none", 0.5, chunk)
+        torch.testing.assert_close(per_seq, ce.mean(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("noisy_input", ["token+z", "token"])
+def test_token_on_the_noisy_stream_keeps_causality(noisy_input):
+    """The noisy position predicting x_i reads x_{i-1}'s embedding: it must depend on x_0..x_{i-1}, on each of
+    them, and on nothing later (brute force over every context token)."""
+    design = dataclasses.replace(DBSCALE, noisy_input=noisy_input, adaln_gate_init="one")  # layers act at once
+    torch.manual_seed(0)  # a fresh block (small weights: no saturated attention), in fp64
+    block = DenoiserBlock(design, V, 1, 0.5, E.double()).double()
+    T = 7
+    window = torch.randint(0, V, (1, T + 1), generator=torch.Generator().manual_seed(4))
+    z = torch.randn(1, T, CFG.embed_dim, dtype=torch.float64)
+    sigma = torch.tensor([0.6], dtype=torch.float64)
+    _, base = block(window[:, :-1], z, sigma)
+    for j in range(T):
+        changed = window.clone()
+        changed[0, j] = (changed[0, j] + 1) % V
+        _, logits = block(changed[:, :-1], z, sigma)
+        for i in range(T):
+            diff = (logits[0, i] - base[0, i]).abs().max().item()
+            assert (diff == 0.0) if j > i else (diff > 1e-9), (i, j, diff)
+
+
+def test_token_on_the_noisy_stream_is_the_preceding_clean_input():
+    """A one-layer block with attention and MLP gated shut: the noisy stream's hidden state is exactly
+    in_proj(c_in z) + the embedding of the token it follows."""
+    cfg = dataclasses.replace(DBSCALE, noisy_input="token+z", adaln_gate_init="zero")
+    block = DenoiserBlock(cfg, V, 1, 0.5, E).eval()
+    seen = {}
+    block.layers[0].register_forward_hook(lambda m, args, out: seen.update(h=out))
+    window = torch.randint(0, V, (1, 6))
+    z, sigma = torch.randn(1, 5, CFG.embed_dim), torch.tensor([2.0])
+    block(window[:, :-1], z, sigma)
+    c_in = edm_precond(sigma, 0.5)[2]
+    expected = block.in_proj(c_in * z) + block.embed_tokens(window[:, :-1])
+    torch.testing.assert_close(seen["h"][:, 5:], expected)
+
+
+def test_open_gates_make_the_plain_prenorm_layer():
+    torch.manual_seed(0)
+    plain, gated = TransformerLayer(CFG), TransformerLayer(CFG, adaln=True)
+    gated.load_state_dict(plain.state_dict(), strict=False)
+    zero_init_adaln(torch.nn.ModuleList([gated]), gate=1.0)
+    x = torch.randn(2, 6, CFG.d_model)
+    cos, sin = rope_cos_sin(torch.arange(6), CFG.head_dim, CFG.rope_theta)
+    cond = torch.randn(2, CFG.d_model)
+    torch.testing.assert_close(gated(x, cos, sin, None, cond), plain(x, cos, sin, None))
+
+
+def test_readout_init_normal_starts_off_the_saddle():
+    paper = DenoiserBlock(PAPER, V, 1, 0.5)
+    ours = DenoiserBlock(DBSCALE, V, 1, 0.5, E)
+    assert paper.lm_head.weight.abs().sum() == 0 and paper.out_proj.weight.abs().sum() == 0
+    assert ours.lm_head.weight.std().item() == pytest.approx(CFG.init_std, rel=0.1)
+    assert ours.out_proj.weight.std().item() == pytest.approx(CFG.init_std, rel=0.1)
+    assert ours.final_adaLN.weight.abs().sum() == 0  # the final modulation still starts as the identity
+
+
+def test_dbscale_block_has_no_noisy_input_projection():
+    assert DenoiserBlock(DBSCALE, V, 1, 0.5, E).in_proj is None
+    assert DenoiserBlock(PAPER, V, 1, 0.5).in_proj is not None
+
+
+def test_design_switches_are_validated():
+    with pytest.raises(ConfigError, match=r"model.readout: 'bayes' is not one of \['edm', 'posterior'\]"):
+        config_from_dict({"model": {"readout": "bayes"}})
+    with pytest.raises(ConfigError, match=r"diffusion.sample_estimate: 'mode'"):
+        config_from_dict({"diffusion": {"sample_estimate": "mode"}})
+    with pytest.raises(ValueError, match="readout 'posterior' needs the"):
+        DenoiserBlock(DBSCALE, V, 1, 0.5, None)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The sampler
+
+
+def test_draw_tokens_follows_the_nucleus_distribution():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    u = torch.linspace(0, 1, 20001)[:-1]  # a uniform grid: the inverse CDF gives exact frequencies
+    tokens = draw_tokens(logits.expand(len(u), 4), 1.0, 1.0, u)
+    freq = torch.bincount(tokens, minlength=4).float() / len(u)
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=1e-3, rtol=0)
+    tokens = draw_tokens(logits.expand(len(u), 4), 1.0, 0.75, u)  # nucleus {0, 1}: mass 0.8 >= 0.75
+    freq = torch.bincount(tokens, minlength=4).float() / len(u)
+    torch.testing.assert_close(freq, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(nucleus(logits.softmax(-1), 0.75), torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    assert draw_tokens(logits, 0.0, 1.0, torch.tensor(0.99)).item() == 0  # temperature 0 is greedy
+
+
+def test_ancestral_step_is_the_forward_process_posterior():
+    """Draw y, z_s = y + s eps, z_t = z_s + sqrt(t^2 - s^2) eps' (t > s); then z_s | z_t, y is Gaussian with the
+    ancestral step's mean and variance (checked by Monte Carlo)."""
+    g = torch.Generator().manual_seed(0)
+    n, s, t = 200_000, 0.4, 1.3
+    y = torch.randn(n, 1, generator=g)
+    z_s = y + s * torch.randn(n, 1, generator=g)
+    z_t = z_s + math.sqrt(t**2 - s**2) * torch.randn(n, 1, generator=g)
+    mean = ancestral_step(z_t, y, t, s, torch.zeros_like(z_t))
+    resid = z_s - mean
+    assert abs(resid.mean().item()) < 5e-3
+    assert resid.var().item() == pytest.approx(s**2 * (1 - (s / t) ** 2), rel=0.02)
+    assert torch.allclose(ancestral_step(z_t, y, t, 0.0, torch.randn(n, 1)), y)  # sigma_next = 0: the estimate
+
+
+def test_clean_estimates():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    table = torch.eye(3)
+    torch.testing.assert_close(clean_estimate(logits, table, "mean"), logits.softmax(-1))
+    torch.testing.assert_close(clean_estimate(logits, table, "argmax"), table[[0]])
+    assert clean_estimate(logits, table, "sample", 1.0, 1.0, torch.tensor([0.999])).argmax().item() == 2
+
+
+def chain(estimate: str, step: str, design=DBSCALE) -> DiffusionBlocksLM:
+    cfg = Config(model=design)
+    cfg.diffusion.num_blocks = 2
+    cfg.diffusion.sample_estimate, cfg.diffusion.sample_step = estimate, step
+    model = DiffusionBlocksLM(cfg, V, E)
+    for b, block in enumerate(model.blocks):
+        randomize(block, seed=b)
+    return model.eval()
+
+
+SAMPLERS = [("mean", "euler"), ("argmax", "euler"), ("sample", "euler"), ("sample", "ancestral"), ("mean", "ancestral")]
+
+
+@pytest.mark.parametrize("estimate, step", SAMPLERS)
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cached_generation_equals_uncached_for_every_sampler(estimate, step, temperature):
+    model = chain(estimate, step)
+    kw = dict(max_new_tokens=10, temperature=temperature, top_p=0.9, seed=11)
+    cached = generate_ids(model, [3, 14, 15, 9], use_cache=True, **kw)
+    assert cached == generate_ids(model, [3, 14, 15, 9], use_cache=False, **kw)
+
+
+@pytest.mark.parametrize("estimate, step", SAMPLERS)
+def test_teacher_forced_chain_draws_as_generation_does(estimate, step):
+    """Window b of the batched chain draws what generation with seed + b draws at each position."""
+    model = chain(estimate, step)
+    windows = torch.randint(0, V, (2, 8))
+    batched = model.teacher_forced_logits(windows, seed=5, temperature=1.0, top_p=0.9)
+    for b in range(2):
+        cache = model.new_cache()
+        for i in range(7):
+            logits = model.next_token_logits(cache, windows[b : b + 1, i : i + 1], 5 + b, temperature=1.0, top_p=0.9)
+            torch.testing.assert_close(logits[0], batched[b, i], rtol=1e-3, atol=1e-3)  # logits ~ 1/sigma_min^2
+            assert logits[0].argmax() == batched[b, i].argmax()
+
+
+def test_sampled_estimates_at_temperature_zero_are_the_argmax_chain():
+    window = torch.randint(0, V, (2, 9))
+    sampled, argmax = chain("sample", "ancestral"), chain("argmax", "ancestral")
+    greedy = sampled.teacher_forced_logits(window, seed=1, temperature=0.0)
+    torch.testing.assert_close(greedy, argmax.teacher_forced_logits(window, seed=1, temperature=1.0))
+    one = sampled.teacher_forced_logits(window, seed=1, temperature=1.0).argmax(-1)
+    two = sampled.teacher_forced_logits(window, seed=2, temperature=1.0).argmax(-1)
+    assert not torch.equal(one, two)  # the draws depend on the seed
+
+
+def test_heldout_sample_accuracy_of_a_plain_lm_is_its_expectation():
+    import numpy as np
+
+    from dbscale.generate import heldout_metrics
+    from dbscale.models.llama import LlamaLM
+
+    model = randomize(LlamaLM(CFG, V))
+    windows = np.random.default_rng(0).integers(0, V, size=(3, 10))
+    m = heldout_metrics(model, windows, batch_size=2, temperature=0.7, top_p=0.9)
+    w = torch.from_numpy(windows)
+    logits = model(w[:, :-1]).float()
+    probs = nucleus(torch.softmax(logits / 0.7, -1), 0.9)
+    expected = probs.gather(-1, w[:, 1:, None]).mean().item()
+    assert m["sample_accuracy"] == pytest.approx(expected, rel=1e-5)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), w[:, 1:]).item()
+    assert m["ce"] == pytest.approx(ce, rel=1e-5) and "first_step_ce" not in m
