@@ -525,6 +525,13 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             fail("model.recurrence_std", "recurrence_std must be >= 0 and state_init_std > 0.")
         if d.layers_per_block is not None:
             fail("diffusion.layers_per_block", "a Huginn block is a whole prelude + core + coda; remove it.")
+    elif d.num_blocks > m.n_layers:
+        divisors = [k for k in range(1, m.n_layers + 1) if m.n_layers % k == 0]
+        fail(
+            "diffusion.num_blocks",
+            f"B={d.num_blocks} blocks need at least {d.num_blocks} layers (every block owns >= 1), but "
+            f"model.n_layers={m.n_layers}. Fix: num_blocks one of {divisors}, or model.n_layers >= {d.num_blocks}.",
+        )
     elif d.layers_per_block is None:
         if m.n_layers % d.num_blocks:
             fail(

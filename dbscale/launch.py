@@ -86,6 +86,10 @@ def mapped_hosts(
     return groups
 
 
+def block_partition_pending(run) -> bool:
+    return bool(run.manifest["partition"].get("pending"))
+
+
 @dataclass
 class BlockLaunch:
     block: int | None  # None = the end-to-end baseline
@@ -101,17 +105,43 @@ class BlockLaunch:
         return "e2e" if self.block is None else f"block {self.block}"
 
 
+DEFAULT_HOSTFILE_PORT_BASE = 29600
+
+
+def local_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports that are free on this machine now (the OS picks them), so two runs or two
+    users on one node never race for a fixed port."""
+    from dbscale.train.distributed import free_port
+
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def plan(
     run,
     blocks: list[int],
     hostfile: str | None,
     nodes_per_block: int | None,
-    port_base: int,
+    port_base: int | None,
     num_gpus: int | None,
     e2e: bool = False,
     extra: list[str] | None = None,
 ) -> list[BlockLaunch]:
-    """The deepspeed command of every job; with a hostfile, also each block's own hostfile content."""
+    """The deepspeed command of every job; with a hostfile, also each block's own hostfile content.
+
+    Master ports: job i uses port_base + i when given. Otherwise a local launch takes ports that are free
+    here now, and a hostfile launch uses DEFAULT_HOSTFILE_PORT_BASE + i (the master is a remote host, whose
+    ports cannot be probed from here); every launch records its port in its log and the summary."""
+    if block_partition_pending(run) and blocks:
+        raise RunError(
+            f"{run.root}: the noise partition is still to be calibrated (prepare was interrupted), so no block "
+            f"knows its slice; nothing was started. Fix: run tools/prepare.py again with the same --config and "
+            f"--run {run.root} (it finishes the calibration), then launch."
+        )
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     jobs: list[int | None] = [*blocks, *([None] if e2e else [])]
     all_hosts = read_hostfile(hostfile) if hostfile else []
@@ -120,10 +150,15 @@ def plan(
         groups = mapped_hosts(all_hosts, block_hosts, jobs, hostfile)
     else:
         groups = assign_hosts(all_hosts, jobs, nodes_per_block, hostfile) if hostfile else {}
+    if port_base is not None:
+        ports = [port_base + i for i in range(len(jobs))]
+    elif hostfile:
+        ports = [DEFAULT_HOSTFILE_PORT_BASE + i for i in range(len(jobs))]
+    else:
+        ports = local_ports(len(jobs))
     launches = []
-    for i, job in enumerate(jobs):
+    for job, port in zip(jobs, ports, strict=True):
         job_dir = run.job_dir(job)
-        port = port_base + i
         script = ["launchers/train_e2e.py"] if job is None else ["launchers/train_block.py"]
         args = ["--run", str(run.root), *([] if job is None else ["--block", str(job)]), *(extra or [])]
         if hostfile:
@@ -171,7 +206,10 @@ def execute(launches: list[BlockLaunch], concurrent: bool, cwd: Path, env: dict)
         if launch.hostfile is not None:
             atomic_write_text(launch.hostfile, launch.hostfile_text)
         log_file = open(launch.log, "a")
-        log_file.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(launch.command)}\n")
+        log_file.write(
+            f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} hosts {','.join(launch.hosts)}, master port {launch.port}: "
+            f"{' '.join(launch.command)}\n"
+        )
         proc = subprocess.Popen(
             launch.command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )

@@ -4,7 +4,8 @@
     R/e2e/merged/      the end-to-end baseline: the baseline model's own keys
 
 ZeRO shards (stages 1-3) are consolidated with DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`,
-only after dbscale has verified the checkpoint's marker, run id and file hashes.
+only after dbscale has verified the checkpoint's marker, run id and file hashes, and only from a view that
+holds the listed files alone, under weights_only loading (dbscale/train/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -52,7 +53,16 @@ def _consolidate(run: Run, block: int | None, allow_unfinished: bool) -> tuple[d
             f"{name} is unfinished: its newest checkpoint ({info.path}) is at step {info.step} of {total}. "
             f"Fix: resume it ({launch}), or pass --allow-unfinished to merge it as it is."
         )
-    state = get_fp32_state_dict_from_zero_checkpoint(str(job_dir), tag=info.tag)
+    try:
+        with ckpt.verified_view(info) as view, ckpt.weights_only_loads():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(view), tag=info.tag)
+    except CheckpointError:
+        raise
+    except Exception as e:  # what DeepSpeed or torch's weights_only loader refuse
+        raise CheckpointError(
+            f"{info.path}: {name}'s checkpoint could not be consolidated ({type(e).__name__}: {str(e)[:300]}). "
+            f"Nothing was merged. Fix: resume the job to write a fresh checkpoint ({launch})."
+        ) from None
     return {k: v.contiguous() for k, v in state.items()}, {"tag": info.tag, "step": info.step}
 
 

@@ -62,12 +62,25 @@ def masked_partition_figure(run: Run, path: Path) -> None:
     plt.close(fig)
 
 
+PENDING_NOTE = (
+    "noise partition: calibration pending (prepare was interrupted); no block can train yet. "
+    "Fix: run tools/prepare.py again with the same --config and --run."
+)
+
+
 def partition_figure(run: Run, path: Path) -> None:
     if run.config.model.family == "masked":
         return masked_partition_figure(run, path)
     plt = _plt()
     d = run.config.diffusion
     part = run.manifest["partition"]
+    if part.get("pending"):  # prepare was interrupted before the calibration: no block has a slice yet
+        fig, ax = plt.subplots(figsize=(8, 1.6))
+        ax.axis("off")
+        ax.text(0.5, 0.5, PENDING_NOTE, ha="center", va="center", wrap=True, fontsize=9)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     sigma = np.logspace(math.log10(d.sigma_min), math.log10(d.sigma_max), 600)
     density = np.exp(-((np.log(sigma) - d.P_mean) ** 2) / (2 * d.P_std**2)) / (d.P_std * math.sqrt(2 * math.pi))
     fig, ax = plt.subplots(figsize=(8, 3.6))

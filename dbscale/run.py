@@ -161,8 +161,21 @@ class Run:
 
 
 def started_blocks(run: Run) -> list[int]:
-    """Blocks whose job directory holds anything (a lock, metrics or a checkpoint)."""
-    return [b for b in range(run.num_blocks) if run.job_dir(b).is_dir() and any(run.job_dir(b).iterdir())]
+    """Blocks that have trained with the current partition, or may be training now: a checkpoint tag, a
+    training step in metrics.jsonl, or a job lock. A launch log alone (a job refused at start) does not count."""
+    from dbscale.train.checkpoint import list_tags
+    from dbscale.train.lock import LOCK
+    from dbscale.train.metrics import read_metrics
+
+    def started(b: int) -> bool:
+        job_dir = run.job_dir(b)
+        if not job_dir.is_dir():
+            return False
+        if list_tags(job_dir) or (job_dir / LOCK).exists():
+            return True
+        return any(e.get("event") == "train" for e in read_metrics(job_dir / "metrics.jsonl"))
+
+    return [b for b in range(run.num_blocks) if started(b)]
 
 
 def set_partition(run: Run, changes: dict, calibration: dict) -> Run:

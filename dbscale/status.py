@@ -1,22 +1,40 @@
-"""Summaries of a run's jobs, read from their metrics.jsonl and checkpoint markers (no job is touched)."""
+"""Summaries of a run's jobs, read from their metrics.jsonl and verified checkpoint markers (no job is touched,
+no checkpoint is unpickled)."""
 
 from __future__ import annotations
 
+from dbscale.errors import CheckpointError
 from dbscale.run import open_run
-from dbscale.train.checkpoint import LATEST
+from dbscale.train.checkpoint import find_resumable
 from dbscale.train.metrics import read_metrics
 
 
+def checkpoint_status(run, block: int | None) -> tuple[str | None, int | None, str | None]:
+    """(tag, step, problem) of the job's newest intact checkpoint, as a resume would choose it: every listed
+    file's size and sha256, no unlisted file, the pickle screen. problem: why there is none to resume from."""
+    try:
+        info = find_resumable(run.job_dir(block), run.run_id, block)
+    except CheckpointError as e:
+        return None, None, str(e)
+    return (info.tag, info.step, None) if info else (None, None, None)
+
+
 def job_status(run, block: int | None) -> dict:
+    import warnings
+
     job_dir = run.job_dir(block)
     events = read_metrics(job_dir / "metrics.jsonl")
     last = {e["event"]: e for e in events}
-    latest = (job_dir / LATEST).read_text().strip() if (job_dir / LATEST).is_file() else None
+    with warnings.catch_warnings():  # a damaged newer tag that is skipped shows as an older checkpoint step
+        warnings.simplefilter("ignore")
+        tag, saved_step, problem = checkpoint_status(run, block)
     step = last["train"]["step"] if "train" in last else 0
     total = run.config.train.steps
-    if not events:
+    if problem is not None:
+        state = "checkpoint refused" if "refused:" in problem else "checkpoint damaged"
+    elif not events:
         state = "not started"
-    elif "end" in last and last["end"]["step"] >= total and events[-1]["event"] == "end":
+    elif "end" in last and last["end"]["step"] >= total and events[-1]["event"] == "end" and saved_step == total:
         state = "done"
     elif events[-1]["event"] in ("end", "stopped", "nonfinite"):
         state = "stopped"
@@ -27,7 +45,7 @@ def job_status(run, block: int | None) -> dict:
     if starts and events:
         wall = round(sum((seg[-1]["time"] - seg[0]["time"]) for seg in _segments(events)), 1)
     interval = None
-    if block is not None:
+    if block is not None and not run.manifest["partition"].get("pending"):
         interval = run.manifest["partition"]["block_intervals"][block]
     return {
         "job": "e2e" if block is None else f"block {block}",
@@ -42,7 +60,9 @@ def job_status(run, block: int | None) -> dict:
         "peak_mem_bytes": last.get("train", {}).get("peak_mem_bytes"),
         "params": starts[-1].get("params") if starts else None,
         "wall_s": wall,
-        "checkpoint": latest,
+        "checkpoint": tag,
+        "checkpoint_step": saved_step,
+        "problem": problem,
     }
 
 
@@ -72,6 +92,7 @@ def format_table(rows: list[dict], space: str = "sigma") -> str:
         f"{'tok/s':>7} {'peak MiB':>8} {'params':>8} {'wall s':>7}  checkpoint"
     )
     lines = [header, "-" * len(header)]
+    notes = []
     for r in rows:
         iv = "-" if r["sigma_interval"] is None else f"[{r['sigma_interval'][0]:.3g}, {r['sigma_interval'][1]:.3g}]"
         lines.append(
@@ -81,4 +102,7 @@ def format_table(rows: list[dict], space: str = "sigma") -> str:
             f"{'-' if r['params'] is None else format(r['params'] / 1e6, '7.2f') + 'M':>8} "
             f"{fmt(r['wall_s'], '7.1f')}  {r['checkpoint'] or '-'}"
         )
-    return "\n".join(lines)
+        for key in ("problem", "error"):
+            if r.get(key):
+                notes.append(f"{r['job']}: {r[key]}")
+    return "\n".join(lines + notes)

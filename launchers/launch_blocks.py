@@ -32,7 +32,12 @@ def main() -> int:
     p.add_argument("--nodes-per-block", type=int, help="hosts per block (default: hosts // jobs)")
     p.add_argument("--num-gpus", type=int, help="with --local: processes per job (deepspeed --num_gpus)")
     p.add_argument("--concurrent", action="store_true", help="with --local: start all jobs at once")
-    p.add_argument("--master-port-base", type=int, default=29600, help="job i uses this port + i")
+    p.add_argument(
+        "--master-port-base",
+        type=int,
+        help="job i uses this port + i (default: with --local, ports free on this machine now; with --hostfile, "
+        "29600 + i)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE", help="passed to every job")
     p.add_argument("--dry-run", action="store_true", help="print the commands (and host groups) and exit")
     p.add_argument("--json", action="store_true", help="with --dry-run: one JSON object per job")
@@ -80,7 +85,7 @@ def main() -> int:
                     )
                 )
             else:
-                print(f"# {launch.name}: hosts {','.join(launch.hosts)}, port {launch.port}, log {launch.log}")
+                print(f"# {launch.name}: hosts {','.join(launch.hosts)}, master port {launch.port}, log {launch.log}")
                 print(" ".join(launch.command))
         return 0
     env = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")}
@@ -88,12 +93,20 @@ def main() -> int:
         env.setdefault(
             "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (len(launches) if args.concurrent else 1)))
         )
+    for launch in launches:
+        print(f"[launch] {launch.name}: hosts {','.join(launch.hosts)}, master port {launch.port}, log {launch.log}")
     codes = execute(launches, concurrent=bool(args.hostfile) or args.concurrent, cwd=ROOT, env=env)
     rows = [job_status(run, launch.block) for launch in launches]
     for row, launch in zip(rows, launches, strict=True):
         row["exit"] = codes[launch.name]
         if codes[launch.name] != 0:
-            row["state"] = f"failed ({codes[launch.name]})"
+            error = last_error(launch.log)
+            if error and "is already running" in error:
+                row["state"], row["step"] = "already running", "-"  # the metrics are the other job's
+            elif not row.get("problem"):  # a refused or damaged checkpoint keeps the state status gives it
+                row["state"] = f"failed ({codes[launch.name]})"
+            if error != row.get("problem"):
+                row["error"] = error or f"exit status {codes[launch.name]}; see {launch.log}"
     print(format_table(rows))
     failed = [name for name, code in codes.items() if code != 0]
     if failed:
@@ -102,6 +115,14 @@ def main() -> int:
         )
         return 1
     return 0
+
+
+def last_error(log: Path) -> str | None:
+    """The last 'dbscale: error:' line a job printed (one per rank; they agree), without the prefix."""
+    if not log.is_file():
+        return None
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if "dbscale: error:" in ln]
+    return lines[-1].split("dbscale: error:", 1)[1].strip() if lines else None
 
 
 if __name__ == "__main__":

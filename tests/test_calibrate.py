@@ -115,7 +115,7 @@ def test_set_partition_rewrites_config_and_manifest(run, tiny_cfg):
 
 def test_set_partition_refuses_once_a_block_started(run):
     (run.job_dir(1)).mkdir(parents=True)
-    (run.job_dir(1) / "metrics.jsonl").write_text("")
+    (run.job_dir(1) / "metrics.jsonl").write_text(json.dumps({"event": "train", "step": 1}) + "\n")
     before = (run.root / CONFIG).read_bytes()
     with pytest.raises(RunError, match=r"block\(s\) \[1\] have already started"):
         set_partition(run, {"partition": "uniform"}, {})

@@ -59,5 +59,5 @@ def test_two_ranks_equal_one_rank_accumulating(speeches, tmp_path, stage):
             ],
             expect=2,
         )
-        assert "saved with 2 process(es)" in p.stderr and "relaunch with the same number of processes" in p.stderr
+        assert "saved with 2 process(es)" in p.stderr and "relaunch with 2 process(es)" in p.stderr
         assert "Traceback" not in p.stderr

@@ -56,6 +56,7 @@ def test_explicit_block_to_host_map_from_the_config(tmp_path):
         root=tmp_path,
         config=SimpleNamespace(train=SimpleNamespace(block_hosts=[["c"], ["a", "d"]])),
         job_dir=lambda b: tmp_path / ("e2e" if b is None else f"blocks/{b}"),
+        manifest={"partition": {"kind": "equiprobable"}},
     )
     launches = plan(fake, [0, 1], str(hostfile), None, 29600, None)
     assert [launch.hosts for launch in launches] == [["c"], ["a", "d"]]

@@ -11,6 +11,7 @@ CONFIG=${CONFIG:-configs/mdm_tiny.yaml}
 export PATH="$PWD/$BIN:$PATH" OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONWARNINGS=ignore
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || export DS_ACCELERATOR=cpu
 start=$(date +%s)
+free_port() { python -c "from dbscale.train.distributed import free_port; print(free_port())"; }  # never a fixed port
 stage() { printf '\n\033[1m== [%s] %s\033[0m  (%ss elapsed)\n' "$1" "$2" "$(( $(date +%s) - start ))"; }
 
 stage 1/6 "prepare $RUN from $CONFIG: text8-style characters, shards, manifest"
@@ -24,11 +25,11 @@ for b, (iv, tr) in enumerate(zip(p['block_intervals'], p['train_intervals'])):
 B=$(python -c "from dbscale.run import open_run; print(open_run('$RUN').num_blocks)")
 for ((b = 0; b < B; b++)); do
   stage 2/6 "train block $b of $B as its own DeepSpeed job (its t-slice only)"
-  deepspeed --num_gpus 1 --master_port $((29520 + b)) launchers/train_block.py --run "$RUN" --block "$b"
+  deepspeed --num_gpus 1 --master_port "$(free_port)" launchers/train_block.py --run "$RUN" --block "$b"
 done
 
 stage 3/6 "train the end-to-end baseline (all layers over t in [0, 1], same data and steps)"
-deepspeed --num_gpus 1 --master_port 29530 launchers/train_e2e.py --run "$RUN"
+deepspeed --num_gpus 1 --master_port "$(free_port)" launchers/train_e2e.py --run "$RUN"
 
 stage 4/6 "merge both into safetensors models"
 python tools/merge_blocks.py --run "$RUN"

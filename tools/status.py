@@ -14,16 +14,20 @@ def main() -> int:
     p.add_argument("--run", required=True)
     p.add_argument("--json", action="store_true", help="one JSON object per job instead of a table")
     args = p.parse_args()
+    from dbscale.report import PENDING_NOTE
     from dbscale.run import open_run
     from dbscale.status import format_table, run_status
 
     rows = run_status(args.run)
-    space = "t" if open_run(args.run, verify=False).config.model.family == "masked" else "sigma"
+    run = open_run(args.run, verify=False)
+    space = "t" if run.config.model.family == "masked" else "sigma"
     if args.json:
         for row in rows:
             print(json.dumps(row))
     else:
         print(format_table(rows, space))
+        if run.manifest["partition"].get("pending"):
+            print(PENDING_NOTE)
     return 0
 
 

@@ -6,8 +6,14 @@ A job directory holds `global_stepN/` tags written by `engine.save_checkpoint`, 
 - `latest`: the newest complete tag, moved (atomically) only after its marker exists.
 
 Loading checks the marker, the run id, every file's size and hash, and screens every pickle for globals
-outside torch's weights_only allowlist (plus three DeepSpeed data classes) before DeepSpeed unpickles
+outside torch's weights_only allowlist (plus four DeepSpeed data classes) before DeepSpeed unpickles
 anything; a damaged newest tag falls back to the previous one, a malicious or foreign one stops the job.
+
+DeepSpeed itself never reads a job directory: its loaders glob a tag for `*_model_states.pt` and
+`*_optim_states.pt` and would unpickle any file planted beside the listed ones. They are given
+`verified_view`, a private directory holding exactly the files the marker lists, and run under
+`weights_only_loads`, which turns every torch.load (DeepSpeed passes weights_only=False) into a weights_only
+load with DeepSpeed's data classes allowed. Either alone stops a planted pickle; together they close the class.
 """
 
 from __future__ import annotations
@@ -15,7 +21,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
+import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +77,13 @@ class CheckpointInfo:
     step: int
     marker: dict
     path: Path
+    # (device, inode, size, mtime) of every listed file when it was verified: what verified_view stages
+    identities: dict | None = None
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def verify_tag(job_dir: Path, tag: str, run_id: str | None = None, block=None) -> CheckpointInfo:
@@ -88,18 +105,34 @@ def verify_tag(job_dir: Path, tag: str, run_id: str | None = None, block=None) -
         )
     if block != "any" and marker.get("block") != block:
         raise CheckpointError(f"{tag_dir}: checkpoint is of block {marker.get('block')}, expected {block}.")
+    unlisted = sorted(p.name for p in tag_dir.iterdir() if p.name != MARKER and p.name not in marker["files"])
+    if unlisted:
+        more = f" (and {len(unlisted) - 1} more: {', '.join(unlisted[1:])})" if len(unlisted) > 1 else ""
+        raise CheckpointError(
+            f"{tag_dir / unlisted[0]}: refused: this file is not one the job wrote into checkpoint {tag} (its "
+            f"{MARKER} lists every file it saved){more}; it may be malicious. Nothing was loaded. Fix: delete it, "
+            "then rerun."
+        )
+    identities = {}
     for name, rec in marker["files"].items():
         f = tag_dir / name
+        if "/" in name or name in ("", ".", ".."):
+            raise CheckpointError(f"{marker_path}: lists '{name}', which is not a file name of this tag.")
         if not f.is_file():
             raise CheckpointError(f"{f}: missing from checkpoint {tag}.")
-        if f.stat().st_size != rec["bytes"]:
-            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {rec['bytes']} (truncated or replaced).")
-        if sha256_file(f) != rec["sha256"]:
-            raise CheckpointError(f"{f}: sha256 mismatch (the file was modified or corrupted).")
-    for name in marker["files"]:
-        if name.endswith(".pt"):
-            screen_pickle(tag_dir / name)
-    return CheckpointInfo(tag, marker["step"], marker, tag_dir)
+        identities[name] = _identity(f)
+        check_file(f, rec)
+    return CheckpointInfo(tag, marker["step"], marker, tag_dir, identities)
+
+
+def check_file(f: Path, rec: dict) -> None:
+    """Size, sha256 and (for a pickle) the global screen of one listed file."""
+    if f.stat().st_size != rec["bytes"]:
+        raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {rec['bytes']} (truncated or replaced).")
+    if sha256_file(f) != rec["sha256"]:
+        raise CheckpointError(f"{f}: sha256 mismatch (the file was modified or corrupted).")
+    if f.name.endswith(".pt"):
+        screen_pickle(f)
 
 
 # Classes a DeepSpeed checkpoint pickles beyond what torch's weights_only loader allows by default. They are
@@ -131,6 +164,84 @@ def screen_pickle(path: Path) -> None:
         )
 
 
+def _deepspeed_safe_classes() -> list:
+    import importlib
+
+    classes = []
+    for dotted in sorted(DEEPSPEED_SAFE_GLOBALS):
+        module, name = dotted.rsplit(".", 1)
+        classes.append(getattr(importlib.import_module(module), name))
+    return classes
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside, every torch.load is a weights_only load (TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides an explicit
+    weights_only=False, which DeepSpeed's checkpoint loaders pass) that also accepts DEEPSPEED_SAFE_GLOBALS."""
+    import torch
+
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    previous = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_classes()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
+
+
+VIEW_PREFIX = ".verified-"
+
+
+@contextmanager
+def verified_view(info: CheckpointInfo) -> Iterator[Path]:
+    """A private directory beside the tag, `<view>/<tag>/` holding exactly the files the marker lists (hard
+    links; copies where the filesystem has none) and `<view>/latest`, for DeepSpeed to read instead of the job
+    directory. A staged file that is not the very file `verify_tag` checked (same device, inode, size and
+    mtime) is checked again. Removed on exit."""
+    job_dir, tag = info.path.parent, info.tag
+    view = job_dir / f"{VIEW_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staged = view / tag
+    staged.mkdir(parents=True)
+    try:
+        for name, rec in info.marker["files"].items():
+            target = staged / name
+            try:
+                os.link(info.path / name, target)
+            except OSError:
+                shutil.copy2(info.path / name, target)
+            if (info.identities or {}).get(name) != _identity(target):
+                check_file(target, rec)
+        shutil.copy2(info.path / MARKER, staged / MARKER)
+        (view / LATEST).write_text(tag)
+        yield view
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+
+
+def remove_stale_views(job_dir: Path) -> None:
+    """Views left by a reader on this host that was killed (its process is gone): their hard links would keep
+    pruned checkpoints' bytes on disk."""
+    host = socket.gethostname()
+    for view in job_dir.glob(f"{VIEW_PREFIX}{host}-*") if job_dir.is_dir() else []:
+        pid = view.name[len(VIEW_PREFIX) + len(host) + 1 :].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(view, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def list_tags(job_dir: Path) -> list[str]:
     """Tag directories present, newest step first."""
     if not job_dir.is_dir():
@@ -145,8 +256,11 @@ def find_resumable(job_dir: Path, run_id: str, block) -> CheckpointInfo | None:
     A damaged or unfinished newer tag is skipped with a warning. Raises when tags exist but none is intact
     (so nothing is silently retrained over), or when any tag belongs to another run.
     """
-    problems = []
+    problems, unfinished = [], []
     for tag in list_tags(job_dir):  # newest step first; `latest` is a pointer for humans and tools
+        if (job_dir / tag).is_dir() and not (job_dir / tag / MARKER).is_file():
+            unfinished.append(tag)  # a save that never completed: nothing in it was ever a checkpoint
+            continue
         try:
             info = verify_tag(job_dir, tag, run_id, block)
         except CheckpointError as e:
@@ -156,7 +270,15 @@ def find_resumable(job_dir: Path, run_id: str, block) -> CheckpointInfo | None:
             continue
         for p in problems:
             warnings.warn(f"skipping damaged checkpoint: {p} Resuming from {info.path} instead.", stacklevel=2)
+        if unfinished:
+            warnings.warn(
+                f"{job_dir}: skipping unfinished checkpoint(s) {unfinished} (the job stopped while saving). "
+                f"Resuming from {info.path}.",
+                stacklevel=2,
+            )
         return info
+    if unfinished and not problems:
+        warnings.warn(f"{job_dir}: ignoring unfinished checkpoint(s) {unfinished}: no save completed.", stacklevel=2)
     if problems:
         raise CheckpointError(
             "no intact checkpoint to resume from: " + " | ".join(problems) + f" Fix: restore the files, or "

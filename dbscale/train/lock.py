@@ -56,10 +56,17 @@ class JobLock:
                     f"since {owner.get('since')}); two jobs must never write the same directory. Fix: wait for it or "
                     f"stop it; if it died on another machine, delete {self.path}."
                 ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:  # a full disk: leave no empty lock behind for the next launch to trip on
+                self.path.unlink(missing_ok=True)
+                raise RunError(
+                    f"{self.path}: could not write the job lock ({e.strerror or e}); nothing was started or changed. "
+                    "Fix: free disk space (or quota) on this filesystem, then rerun the same command."
+                ) from None
             self.held = True
             return
         raise RunError(f"{self.path}: could not take the job lock. Fix: delete the file if no job is running.")

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import time
+from contextlib import ExitStack
 
 import numpy as np
 import torch
@@ -248,8 +249,8 @@ class Trainer:
                 str(self.job_dir), tag=tag, client_state=self._identity(step), save_latest=False
             )
             files = ckpt.hash_files(ckpt.rank_files(tag_dir, self.rank))
-        except OSError as e:
-            failure, files = e, {}
+        except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+            failure, files = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}", {}
         gathered = [None] * self.world
         dist.all_gather_object(gathered, (str(failure) if failure else None, files))
         failures = [f for f, _ in gathered if f]
@@ -286,30 +287,65 @@ class Trainer:
         return [f for part in everyone for f in part]
 
     def resume(self) -> int:
-        """Load the newest intact checkpoint of this job; returns the step to continue from (0 if none)."""
+        """Load the newest intact checkpoint of this job; returns the step to continue from (0 if none).
+
+        Rank 0 verifies it and stages a view holding the listed files alone; every rank loads from that view
+        with weights_only loading (dbscale/train/checkpoint.py), so no file planted in the job directory is read."""
         choice = [None]
+        views = ExitStack()
         if self.rank == 0:
             try:
+                ckpt.remove_stale_views(self.job_dir)
                 info = ckpt.find_resumable(self.job_dir, self.run.run_id, self.block)
-                choice = [(info.tag, info.marker) if info else None]
+                if info is not None:
+                    self._check_resumable(info)
+                    view = views.enter_context(ckpt.verified_view(info))
+                choice = [(info.tag, info.marker, str(view)) if info else None]
             except CheckpointError as e:
-                choice = [("error", str(e))]
+                choice = [("error", str(e), None)]
         dist.broadcast_object_list(choice, src=0)
         if choice[0] is None:
             return 0
-        tag, marker = choice[0]
+        tag, marker, view = choice[0]
         if tag == "error":
             raise CheckpointError(marker)
-        if marker["world_size"] != self.world or marker["zero_stage"] != self.cfg.train.zero_stage:
+        with views:
+            try:
+                with ckpt.weights_only_loads():
+                    self.engine.load_checkpoint(view, tag=tag)
+                failure = None
+            except Exception as e:  # what DeepSpeed or torch's weights_only loader refuse
+                failure = f"{type(e).__name__}: {str(e)[:300]}"
+            failures = [f for f in self._gather_failures([failure] if failure else []) if f]
+        if failures:
             raise CheckpointError(
-                f"{self.job_dir / tag}: saved with {marker['world_size']} process(es) at ZeRO stage "
-                f"{marker['zero_stage']}; this job has {self.world} at stage {self.cfg.train.zero_stage}. "
-                "Fix: relaunch with the same number of processes (DeepSpeed cannot re-shard a ZeRO checkpoint)."
+                f"{self.job_dir / tag}: the checkpoint could not be loaded ({failures[0]}); nothing was changed. "
+                f"Fix: move {tag} out of {self.job_dir} to resume from the one before it (or to start over)."
             )
-        self.engine.load_checkpoint(str(self.job_dir), tag=tag)
         if self.rank == 0:
             ckpt.remove_unfinished(self.job_dir, marker["step"])
         return int(marker["step"])
+
+    def _check_resumable(self, info: ckpt.CheckpointInfo) -> None:
+        saved_world, saved_stage = info.marker["world_size"], info.marker["zero_stage"]
+        fixes = []
+        if saved_world != self.world:
+            fixes.append(
+                f"relaunch with {saved_world} process(es) in all (this job has {self.world}; DeepSpeed cannot "
+                "re-shard a ZeRO checkpoint)"
+            )
+        if saved_stage != self.cfg.train.zero_stage:
+            fixes.append(
+                f"resume at ZeRO stage {saved_stage}: drop the --set train.zero_stage={self.cfg.train.zero_stage} "
+                f"override (or pass --set train.zero_stage={saved_stage})"
+            )
+        if fixes:
+            raise CheckpointError(
+                f"{info.path}: saved with {saved_world} process(es) at ZeRO stage {saved_stage}; this job has "
+                f"{self.world} at stage {self.cfg.train.zero_stage}. Nothing was loaded. Fix: "
+                + "; and ".join(fixes)
+                + "."
+            )
 
     # ---------------------------------------------------------------------------------------------------
     def _handle_signal(self, signum, frame):
@@ -330,6 +366,13 @@ class Trainer:
         return bool(t.item())
 
     def train(self) -> dict:
+        """Train to train.steps (resuming first); the job lock is released however this ends."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> dict:
         t = self.cfg.train
         start = self.resume()
         self._val_windows = self.val_shards.fixed_windows(t.val_batches * t.micro_batch, self.window_len)
@@ -428,5 +471,4 @@ class Trainer:
             last_val = self.validate(step)
         self.logger.log("end", step, **last_val)
         self.logger.close()
-        self.close()
         return {"step": step, **last_val}
