@@ -54,6 +54,13 @@ LEVELS = {
 }
 E2E_LEVELS = ("paper", "ce_chunk", "checkpointing")
 
+# The families bench/memory.py measures: their shapes, the switch levels a block job takes and those its baseline
+# takes (the Huginn family's memory, per BPTT length, is measured by bench/huginn.py).
+MEMORY_BENCH = {
+    "llama": {"shapes": SHAPES, "levels": tuple(LEVELS), "e2e_levels": E2E_LEVELS},
+    "masked": {"shapes": MASKED_SHAPES, "levels": MASKED_LEVELS, "e2e_levels": MASKED_LEVELS},
+}
+
 
 def device_info() -> dict:
     import torch
@@ -78,26 +85,49 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def bench_job(family_name: str, shape: dict, B: int, model_keys: dict, device):
+    """(family, job, model) of one measured training job: the end-to-end baseline for B = 1, block 0 of B
+    otherwise, built by the family as the trainer builds it, over the whole noise range."""
+    from dbscale import families
+    from dbscale.config import Config, DiffusionConfig, ModelConfig
+    from dbscale.diffusion.masking import MaskSchedule
+    from dbscale.diffusion.noise import frozen_target_embedding
+
+    family = families.get(family_name)
+    model_cfg = ModelConfig(
+        family=family_name,
+        n_layers=shape["n_layers"],
+        d_model=shape["d_model"],
+        n_heads=shape["n_heads"],
+        seq_len=shape["seq_len"],
+        **model_keys,
+    )
+    cfg = Config(model=model_cfg, diffusion=DiffusionConfig(num_blocks=B))
+    V = shape["vocab"]
+    block = None if B == 1 else 0
+    interval = (0.0, 1.0) if family.space == "t" else (cfg.diffusion.sigma_min, cfg.diffusion.sigma_max)
+    job = families.Job(cfg, V, block, interval, {"schedule": MaskSchedule()})
+    if family.target_table:
+        job.extras["table"] = frozen_target_embedding(V, model_cfg.embed_dim, 0).to(device)
+    return family, job, family.build(job)
+
+
 def _warm_up_runtime(device) -> None:
     """One tiny training step of each model kind, with every switch, so lazily loaded code is resident."""
     import torch
 
-    from dbscale.config import ModelConfig
-    from dbscale.models.llama import DenoiserBlock, LlamaLM, denoiser_loss, frozen_target_embedding, lm_loss
+    from dbscale.families import StepInfo
 
-    cfg = ModelConfig(n_layers=2, d_model=64, n_heads=2, seq_len=16, head="target", context_embedding="target")
-    table = frozen_target_embedding(128, 64, 0).to(device)
-    for model in (LlamaLM(cfg, 128), DenoiserBlock(cfg, 128, 2, 0.5, table)):
+    shape = {"n_layers": 2, "d_model": 64, "n_heads": 2, "seq_len": 16, "vocab": 128}
+    for B in (1, 2):
+        family, job, model = bench_job("llama", shape, B, {"head": "target", "context_embedding": "target"}, device)
         model.to(device)
         opt = torch.optim.AdamW(model.parameters())
         for checkpointing, chunk in ((False, 0), (True, 8)):
             model.activation_checkpointing = checkpointing
+            job.cfg.train.ce_chunk = chunk
             window = torch.randint(0, 128, (2, 17), device=device)
-            if isinstance(model, LlamaLM):
-                loss = lm_loss(model, window, chunk)
-            else:
-                noise = torch.randn(2, 16, 64, device=device)
-                loss = denoiser_loss(model, window, table, torch.ones(2, device=device), noise, "edm", 0.5, chunk)[0]
+            loss = family.loss(job, model, window, family.draw(job, window, 0), StepInfo(0, 0, 0))[0]
             loss.backward()
             opt.step()
     if device.type == "cuda":
@@ -109,81 +139,47 @@ def measure_job(spec: dict) -> dict:
     """One training job of `spec` = {shape, B, level, micro_batch, steps >= 2, dtype}; returns the measurements."""
     import torch
 
-    from dbscale.config import ModelConfig
-    from dbscale.models.llama import (
-        DenoiserBlock,
-        LlamaLM,
-        block_reads_table,
-        denoiser_loss,
-        frozen_target_embedding,
-        lm_loss,
-    )
+    from dbscale.families import StepInfo
     from dbscale.profiling import saved_activation_bytes, state_bytes
 
-    masked = spec.get("family", "llama") == "masked"
-    shapes = MASKED_SHAPES if masked else SHAPES
+    family_name = spec.get("family", "llama")
+    shapes = MEMORY_BENCH[family_name]["shapes"]
     shape = shapes[spec["shape"]] if isinstance(spec["shape"], str) else spec["shape"]
     B, level, mb = spec["B"], LEVELS[spec["level"]], spec["micro_batch"]
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if (cuda and spec.get("dtype", "auto") != "fp32") else torch.float32
     model_keys = {k: level[k] for k in ("head", "context_embedding") if k in level}
-    cfg = ModelConfig(
-        family="masked" if masked else "llama",
-        n_layers=shape["n_layers"],
-        d_model=shape["d_model"],
-        n_heads=shape["n_heads"],
-        seq_len=shape["seq_len"],
-        **model_keys,
-    )
     V, T = shape["vocab"], shape["seq_len"]
     _warm_up_runtime(device)  # load kernels and thread pools first: they are the runtime's memory, not the job's
     torch.manual_seed(0)
     rss0 = rss_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    table = frozen_target_embedding(V, cfg.embed_dim, 0).to(device) if B > 1 and not masked else None
-    if masked:  # the baseline is the same denoiser with all L layers over t in [0, 1]
-        from dbscale.diffusion.masking import MaskSchedule
-        from dbscale.models.masked import MaskedDenoiser, masked_elbo_terms
-
-        model = MaskedDenoiser(cfg, V, cfg.n_layers // B)
-    elif B == 1:
-        model = LlamaLM(cfg, V)
-    else:
-        model = DenoiserBlock(cfg, V, cfg.n_layers // B, 0.5, table)
+    family, job, model = bench_job(family_name, shape, B, model_keys, device)
+    job.cfg.train.ce_chunk = level.get("ce_chunk", 0)
     model.activation_checkpointing = bool(level.get("activation_checkpointing"))
     model.to(device=device, dtype=dtype)
-    if B > 1 and block_reads_table(cfg):
-        model.target_table = table.to(dtype)  # one copy of the run's table, shared with the noise targets
+    cfg = job.cfg.model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    chunk = level.get("ce_chunk", 0)
     g = torch.Generator(device="cpu").manual_seed(1)
+    length = family.window_length(job.cfg)
 
-    def loss_fn(window):
-        if masked:
-            x0 = window[:, :-1]
-            t = torch.rand(mb, generator=g).to(device)
-            u = torch.rand(x0.shape, generator=g).to(device)
-            return masked_elbo_terms(model, x0, t, u, MaskSchedule(), 1.0, 1e-3, V, chunk)[0].mean()
-        if B == 1:
-            return lm_loss(model, window, chunk)
-        sigma = torch.exp(torch.randn(mb, generator=g) * 1.2 - 1.2).to(device)
-        noise = torch.randn(mb, T, cfg.embed_dim, generator=g).to(device, dtype)
-        return denoiser_loss(model, window, table.to(dtype), sigma, noise, "edm", 0.5, chunk)[0]
+    def loss_fn(window, step):
+        return family.loss(job, model, window, family.draw(job, window, step), StepInfo(0, step, 0))[0]
 
     times, saved = [], None
     for step in range(spec["steps"]):
-        window = torch.randint(0, V, (mb, T + 1), generator=g).to(device)
+        window = torch.randint(0, V, (mb, length), generator=g).to(device)
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         holder = {}
         if step == 1:  # one step after the optimizer state exists: the steady state
             held = [*model.parameters(), *model.buffers()]  # counted as state, not as activations
-            saved = saved_activation_bytes(lambda h=holder, w=window: h.update(loss=loss_fn(w)), held)
+            saved = saved_activation_bytes(lambda h=holder, w=window: h.update(loss=loss_fn(w, 1)), held)
         else:
-            holder["loss"] = loss_fn(window)
+            holder["loss"] = loss_fn(window, step)
         holder["loss"].backward()
         states = state_bytes(model, opt) if step == 1 else None
         opt.step()

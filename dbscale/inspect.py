@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dbscale import families
 from dbscale.config import Config
-from dbscale.models.llama import DenoiserBlock, LlamaLM
-from dbscale.models.masked import MaskedDenoiser
 from dbscale.run import partition_record
 
 # fp32 weights (4) + fp32 gradients (4) + AdamW moments (8) per parameter, before any ZeRO sharding.
@@ -16,21 +15,7 @@ BYTES_PER_PARAM_TRAINING = 16
 def dry_run_report(cfg: Config) -> dict:
     vocab = cfg.data.vocab_size  # the tokenizer is fit at prepare time; its size is this value
     with torch.device("meta"):
-        if cfg.model.family == "huginn":
-            from dbscale.models.huginn import HuginnDenoiser, HuginnLM
-
-            e2e = HuginnLM(cfg.model, vocab)
-            table = torch.empty(vocab, cfg.model.embed_dim)
-            blocks = [HuginnDenoiser(cfg.model, vocab, cfg.diffusion.sigma_data, table) for _ in cfg.layer_allocation()]
-        elif cfg.model.family == "masked":
-            e2e = MaskedDenoiser(cfg.model, vocab, cfg.model.n_layers)
-            blocks = [MaskedDenoiser(cfg.model, vocab, n) for n in cfg.layer_allocation()]
-        else:
-            e2e = LlamaLM(cfg.model, vocab)
-            table = torch.empty(vocab, cfg.model.embed_dim)
-            blocks = [
-                DenoiserBlock(cfg.model, vocab, n, cfg.diffusion.sigma_data, table) for n in cfg.layer_allocation()
-            ]
+        e2e, blocks = families.get(cfg.model.family).dry_run_models(cfg, vocab)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     e2e_params = count(e2e)
     block_params = [count(b) for b in blocks]

@@ -127,10 +127,9 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu", family: st
     With `family`, refuses a model of another family with a message naming both."""
     from safetensors.torch import load_file
 
+    from dbscale import families
     from dbscale.config import config_from_dict
     from dbscale.data.tokenizer import load_tokenizer
-    from dbscale.models.llama import DiffusionBlocksLM, LlamaLM
-    from dbscale.models.masked import MaskedDiffusionLM
 
     path = Path(path)
     manifest_path = path / MANIFEST_FILE
@@ -155,24 +154,7 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu", family: st
             f"Fix: use this model with the {got} family's tools, or pass a {family} model."
         )
     cfg = config_from_dict(manifest["config"], where=str(manifest_path))
-    state = load_file(str(model_path))
-    vocab = manifest["vocab_size"]
-    family = manifest.get("family", "llama")
-    if family == "masked":
-        model = MaskedDiffusionLM(cfg, vocab, e2e=manifest["kind"] == "e2e")
-        if manifest["kind"] == "e2e":  # the baseline's keys are one denoiser's: it is block 0 of the merged model
-            state = {f"blocks.0.{k}": v for k, v in state.items()}
-    elif family == "huginn":
-        from dbscale.models.huginn import HuginnDiffusionLM, HuginnLM
-
-        if manifest["kind"] == "blocks":
-            model = HuginnDiffusionLM(cfg, vocab, state["target_embedding"])
-        else:
-            model = HuginnLM(cfg.model, vocab)
-    elif manifest["kind"] == "blocks":
-        model = DiffusionBlocksLM(cfg, vocab, state["target_embedding"])
-    else:
-        model = LlamaLM(cfg.model, vocab)
+    model, state = families.get(got).build_merged(cfg, manifest["vocab_size"], manifest, load_file(str(model_path)))
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise RunError(

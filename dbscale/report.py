@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
+from dbscale import families
 from dbscale.run import Run, open_run
 from dbscale.status import format_table, run_status
 from dbscale.train.metrics import read_metrics
@@ -34,32 +32,16 @@ def _plt():
     return plt
 
 
-def masked_partition_figure(run: Run, path: Path) -> None:
-    """alpha(t) with each block's t-slice shaded (equal decrements of alpha), overlap hatched."""
-    from dbscale.diffusion.masking import schedule_from_config
-
-    plt = _plt()
-    part = run.manifest["partition"]
-    schedule = schedule_from_config(run.config.diffusion)
-    t = np.linspace(0, 1, 600)
-    alpha = np.array([schedule.alpha(float(x)) for x in t])
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    ax.plot(t, alpha, color="black", lw=1.5, label=f"alpha(t), {part['schedule']} schedule")
-    for b, ((lo, hi), (tlo, thi)) in enumerate(zip(part["block_intervals"], part["train_intervals"], strict=True)):
+def shade_intervals(ax, x, y, intervals, train_intervals, label: str = "block {b}: [{lo:.3g}, {hi:.3g}]") -> None:
+    """Shade each block's own slice under the curve (x, y), and hatch the overlap its training slice adds."""
+    for b, ((lo, hi), (tlo, thi)) in enumerate(zip(intervals, train_intervals, strict=True)):
         c = COLORS[b % len(COLORS)]
-        m = (t >= lo) & (t <= hi)
-        ax.fill_between(t[m], alpha[m], color=c, alpha=0.45, label=f"block {b}: t in [{lo:.3g}, {hi:.3g}]")
-        for a, z in ((tlo, lo), (hi, thi)):
+        mask = (x >= lo) & (x <= hi)
+        ax.fill_between(x[mask], y[mask], color=c, alpha=0.45, label=label.format(b=b, lo=lo, hi=hi))
+        for a, z in ((tlo, lo), (hi, thi)):  # the overlap gamma adds on each side
             if z > a:
-                m = (t >= a) & (t <= z)
-                ax.fill_between(t[m], alpha[m], color=c, alpha=0.15, hatch="///", lw=0)
-    ax.set_xlabel("masking time t")
-    ax.set_ylabel("alpha(t) = P(unmasked)")
-    ax.set_title(f"equal-alpha partition, B={len(part['block_intervals'])}, gamma={part['gamma']} (hatched: overlap)")
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+                m = (x >= a) & (x <= z)
+                ax.fill_between(x[m], y[m], color=c, alpha=0.15, hatch="///", lw=0)
 
 
 PENDING_NOTE = (
@@ -69,40 +51,16 @@ PENDING_NOTE = (
 
 
 def partition_figure(run: Run, path: Path) -> None:
-    if run.config.model.family == "masked":
-        return masked_partition_figure(run, path)
+    """The run's partition, drawn by its family; a note while the calibration is pending."""
     plt = _plt()
-    d = run.config.diffusion
-    part = run.manifest["partition"]
-    if part.get("pending"):  # prepare was interrupted before the calibration: no block has a slice yet
+    if run.manifest["partition"].get("pending"):  # prepare was interrupted before the calibration
         fig, ax = plt.subplots(figsize=(8, 1.6))
         ax.axis("off")
         ax.text(0.5, 0.5, PENDING_NOTE, ha="center", va="center", wrap=True, fontsize=9)
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return
-    sigma = np.logspace(math.log10(d.sigma_min), math.log10(d.sigma_max), 600)
-    density = np.exp(-((np.log(sigma) - d.P_mean) ** 2) / (2 * d.P_std**2)) / (d.P_std * math.sqrt(2 * math.pi))
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    ax.plot(sigma, density, color="black", lw=1.5, label=f"ln sigma ~ N({d.P_mean}, {d.P_std}^2)")
-    for b, ((lo, hi), (tlo, thi)) in enumerate(zip(part["block_intervals"], part["train_intervals"], strict=True)):
-        c = COLORS[b % len(COLORS)]
-        mask = (sigma >= lo) & (sigma <= hi)
-        ax.fill_between(sigma[mask], density[mask], color=c, alpha=0.45, label=f"block {b}: [{lo:.3g}, {hi:.3g}]")
-        for a, z in ((tlo, lo), (hi, thi)):  # the overlap gamma adds on each side
-            if z > a:
-                m = (sigma >= a) & (sigma <= z)
-                ax.fill_between(sigma[m], density[m], color=c, alpha=0.15, hatch="///", lw=0)
-    ax.set_xscale("log")
-    ax.set_xlabel("sigma (log scale)")
-    ax.set_ylabel("density of ln sigma")
-    ax.set_title(
-        f"{part['kind']} partition, B={len(part['block_intervals'])}, gamma={part['gamma']} (hatched: overlap)"
-    )
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    families.get(run.config.model.family).partition_figure(run, path, plt)
 
 
 def _jobs(run: Run) -> list[tuple[str, list[dict]]]:
@@ -225,7 +183,7 @@ def write_report(run_dir: str | Path, evaluation_path: str | Path | None = None)
         throughput_figure(rows, staging / "throughput.png")
         if evaluation is not None:
             (staging / "eval.json").write_text(json.dumps(evaluation, indent=2))
-        space = "t" if run.config.model.family == "masked" else "sigma"
+        space = families.get(run.config.model.family).space
         (staging / "index.html").write_text(_html(run, format_table(rows, space), evaluation))
         if out.exists():
             shutil.rmtree(out)

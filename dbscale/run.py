@@ -1,4 +1,4 @@
-"""The run directory: the contract between independently launched jobs (see ARCHITECTURE.md).
+"""The run directory: the contract between independently launched jobs (docs/run_directory.md).
 
     runs/X/config.yaml                      resolved config, frozen at prepare time
     runs/X/manifest.json                    run id, partition, hashes of everything below
@@ -29,7 +29,6 @@ import yaml
 
 from dbscale import __version__
 from dbscale.config import Config, config_from_dict
-from dbscale.diffusion.partition import Partition
 from dbscale.errors import DataError, RunError
 from dbscale.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, sha256_file
 
@@ -59,34 +58,17 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def uses_target_embedding(cfg: Config) -> bool:
-    """The Gaussian families denoise in the frozen target space; the masked family has none."""
-    return cfg.model.family != "masked"
+    """Whether the run's family denoises in a frozen target space (target_embedding.safetensors)."""
+    from dbscale import families
+
+    return families.get(cfg.model.family).target_table
 
 
 def partition_record(cfg: Config) -> dict:
-    if cfg.model.family == "masked":
-        from dbscale.diffusion.masking import TPartition
+    """What the manifest records of the partition (the family decides; every job and merged model reads it)."""
+    from dbscale import families
 
-        p = TPartition.from_config(cfg.diffusion)
-        return {
-            "kind": "equal_alpha",
-            "space": "t",
-            "schedule": cfg.diffusion.mask_schedule,
-            "gamma": cfg.diffusion.gamma,
-            "t_boundaries": list(p.boundaries),
-            "block_intervals": [list(iv) for iv in p.intervals],
-            "train_intervals": [list(iv) for iv in p.train_intervals],
-        }
-    if cfg.diffusion.partition == "calibrated" and cfg.diffusion.boundaries is None:
-        return {"kind": "calibrated", "pending": True, "method": cfg.diffusion.calibration}
-    p = Partition.from_config(cfg.diffusion)
-    return {
-        "kind": cfg.diffusion.partition,
-        "gamma": cfg.diffusion.gamma,
-        "sigma_boundaries": list(p.boundaries),
-        "block_intervals": [list(iv) for iv in p.intervals],
-        "train_intervals": [list(iv) for iv in p.train_intervals],
-    }
+    return families.get(cfg.model.family).partition_record(cfg)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -261,7 +243,7 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
     from dbscale.data.shards import token_dtype, write_shards
     from dbscale.data.sources import load_split_documents
     from dbscale.data.tokenizer import CharTokenizer, load_tokenizer, train_sentencepiece
-    from dbscale.models.llama import frozen_target_embedding
+    from dbscale.diffusion.noise import frozen_target_embedding
 
     root = Path(root)
     if root.exists():
@@ -400,7 +382,8 @@ def calibrate_if_pending(run: Run, log=print) -> Run:
     run pending (block jobs refuse to start); preparing again resumes here."""
     if not run.manifest["partition"].get("pending"):
         return run
-    from dbscale.diffusion.calibrate import measure_loss_curve, propose
+    from dbscale.diffusion.calibrate import propose
+    from dbscale.train.calibration import measure_loss_curve
 
     d = run.config.diffusion
     layers = run.config.layer_allocation()[0]

@@ -73,7 +73,7 @@ def tiny_cfg(speeches):
 
 @pytest.fixture(scope="session")
 def process_group():
-    """One in-process gloo group (no TCP port) so Trainer can run inside pytest, as DEEPSPEED_CPU.md shows."""
+    """One in-process gloo group (no TCP port, DeepSpeed on the CPU accelerator) so Trainer can run inside pytest."""
     import sys
 
     import torch.distributed as dist
@@ -90,6 +90,13 @@ def process_group():
 
 
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+HOOKS = ROOT / "tests" / "hooks"
+
+
+def fault_env(**variables: str) -> dict:
+    """Environment for a subprocess job with tests/hooks/sitecustomize.py's fault injection switched on."""
+    path = os.pathsep.join(filter(None, [str(HOOKS), os.environ.get("PYTHONPATH", "")]))
+    return {"PYTHONPATH": path, **variables}
 
 
 def run_cli(cmd: list[str], expect: int | None = 0, env: dict | None = None, timeout: int = 300):

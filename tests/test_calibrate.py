@@ -14,7 +14,6 @@ from dbscale.diffusion.calibrate import (
     ce_level_boundaries,
     lognormal_fit,
     loss_integral_boundaries,
-    measure_loss_curve,
     monotone,
 )
 from dbscale.diffusion.noise import lognormal_cdf, lognormal_icdf
@@ -22,6 +21,7 @@ from dbscale.diffusion.partition import Partition, sigma_boundaries, step_sigmas
 from dbscale.errors import ConfigError, RunError
 from dbscale.files import sha256_file
 from dbscale.run import CONFIG, open_run, partition_record, prepare_run, set_partition
+from dbscale.train.calibration import measure_loss_curve  # noqa: E402
 
 EDM = dict(P_mean=-1.2, P_std=1.2, sigma_min=0.002, sigma_max=80.0)
 GRID = np.exp(np.linspace(math.log(0.002), math.log(80.0), 4001)).tolist()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import DEEPSPEED, deepspeed_block, tiny_config_dict
+from conftest import DEEPSPEED, deepspeed_block, fault_env, tiny_config_dict
 from conftest import run_cli as run
 
 from dbscale.train.distributed import free_port
@@ -126,7 +126,7 @@ def test_killed_job_resumes_with_identical_losses(config_file, tmp_path):
     p = run(
         [PY, "launchers/train_block.py", "--run", str(crashed), "--block", "1", *overrides],
         expect=None,
-        env={"DBSCALE_TEST_KILL_AFTER_STEP": "6"},
+        env=fault_env(DBSCALE_TEST_KILL_AFTER_STEP="6"),
     )
     assert p.returncode == -signal.SIGKILL
     assert (crashed / "blocks/1/latest").read_text() == "global_step4"

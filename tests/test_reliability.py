@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, fault_env
 
 from dbscale.errors import CheckpointError, DataError, RunError
 from dbscale.merge import load_merged, merge_run
@@ -38,23 +38,22 @@ def events(run, block, kind):
 
 
 def nan_at(trainer, bad_steps, snapshot=None):
-    """Make the loss NaN at the given 0-based steps; optionally snapshot the weights just before."""
-    original_batch, original_loss = trainer._batch, trainer._loss
-    current = {}
+    """Make the training loss NaN at the given 0-based steps; optionally snapshot the weights just before."""
+    family = trainer.family
 
-    def batch(step, micro, validation=False):
-        current["step"] = None if validation else step
-        return original_batch(step, micro, validation)
+    class Poisoned:
+        def __getattr__(self, name):
+            return getattr(family, name)
 
-    def loss(window, sigma, noise):
-        value, ce = original_loss(window, sigma, noise)
-        if current["step"] in bad_steps:
-            if snapshot is not None:
-                snapshot.update({k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()})
-            return value * float("nan"), ce
-        return value, ce
+        def loss(self, job, model, window, draw, step):
+            value, ce = family.loss(job, model, window, draw, step)
+            if step.index in bad_steps:  # one micro-batch per step here; validation has index -1
+                if snapshot is not None:
+                    snapshot.update({k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()})
+                return value * float("nan"), ce
+            return value, ce
 
-    trainer._batch, trainer._loss = batch, loss
+    trainer.family = Poisoned()
 
 
 def test_nonfinite_loss_stops_before_the_weights_change(process_group, small_run):
@@ -147,7 +146,7 @@ def test_a_second_job_on_the_same_block_is_refused(process_group, small_run):
 def test_ctrl_c_in_training_saves_and_resumes(small_run):
     run = small_run()
     cmd = [sys.executable, "launchers/train_block.py", "--run", str(run.root), "--block", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DBSCALE_TEST_INTERRUPT_AFTER_STEP": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **fault_env(DBSCALE_TEST_INTERRUPT_AFTER_STEP="2")}
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "stopped by signal at step 3" in p.stdout + p.stderr

@@ -58,11 +58,12 @@ def test_deepspeed_trainer_matches_plain_torch(process_group, tiny_cfg, tmp_path
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
     ref_losses = []
     for step in range(t.steps):
-        window, sigma, noise = trainer._batch(step, 0)
+        window, draw = trainer._batch(step, 0)
         if block is None:
             loss = lm_loss(model, window)
         else:
             weighting = cfg.diffusion.loss_weighting
+            sigma, noise = draw
             loss, _ = denoiser_loss(model, window, table, sigma, noise, weighting, cfg.diffusion.sigma_data)
         opt.zero_grad()
         loss.backward()

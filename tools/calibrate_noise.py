@@ -27,9 +27,10 @@ def main() -> int:
     p.add_argument("--no-apply", action="store_true", help="print the proposals; change nothing in the run")
     args = p.parse_args()
 
-    from dbscale.diffusion.calibrate import measure_loss_curve, propose
+    from dbscale.diffusion.calibrate import propose
     from dbscale.files import read_json
     from dbscale.run import CALIBRATION, open_run, set_partition
+    from dbscale.train.calibration import measure_loss_curve
 
     run = open_run(args.run)
     d = run.config.diffusion

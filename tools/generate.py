@@ -84,23 +84,25 @@ def main() -> int:
 
     from tqdm import tqdm
 
+    from dbscale import families
     from dbscale.generate import check_prompt_length, heldout_metrics, prompt_ids, timed_generate
     from dbscale.merge import load_merged
 
     model, tokenizer, manifest = load_merged(args.model, args.device)
     if args.estimate or args.step:
-        if manifest["kind"] != "blocks" or manifest.get("family", "llama") == "masked":
+        if manifest["kind"] != "blocks" or not hasattr(model, "estimate"):
             raise GenerationError(
                 f"--estimate and --step choose how a Gaussian chain samples; {args.model} is not one."
             )
         model.estimate, model.step = args.estimate or model.estimate, args.step or model.step
     label = "DiffusionBlocks" if manifest["kind"] == "blocks" else "end-to-end"
-    if manifest.get("family", "llama") == "masked":
+    family = families.get(manifest.get("family", "llama"))
+    if family.generates == "sequence":
         return masked_main(args, model, tokenizer, manifest, label)
     if args.infill or args.bpc or args.cached:
         raise GenerationError(
-            f"--infill, --cached and --bpc are for the masked family; {args.model} is a "
-            f"'{manifest.get('family', 'llama')}' model."
+            f"--infill, --cached and --bpc are for a family that generates whole sequences (masked); {args.model} "
+            f"is a '{family.name}' model."
         )
     prompts = read_prompts(args)
     if not prompts and not args.heldout:

@@ -14,13 +14,14 @@ def main() -> int:
     p.add_argument("--run", required=True)
     p.add_argument("--json", action="store_true", help="one JSON object per job instead of a table")
     args = p.parse_args()
+    from dbscale import families
     from dbscale.report import PENDING_NOTE
     from dbscale.run import open_run
     from dbscale.status import format_table, run_status
 
     rows = run_status(args.run)
     run = open_run(args.run, verify=False)
-    space = "t" if run.config.model.family == "masked" else "sigma"
+    space = families.get(run.config.model.family).space
     if args.json:
         for row in rows:
             print(json.dumps(row))

@@ -18,12 +18,8 @@ validation cross-entropy CE(sigma) on a grid, and proposes partitions from the c
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
-import torch
-
-from dbscale.diffusion.noise import lognormal_cdf
 
 METHODS = ("ce_levels", "loss_integral", "lognormal")
 Z90 = 1.2815515655446004  # Phi^-1(0.9)
@@ -95,70 +91,4 @@ def propose(curve: dict, num_blocks: int, P_mean: float, P_std: float) -> dict:
             "P_std": ps,
             "boundaries_implied": sigma_boundaries(num_blocks, "equiprobable", pm, ps, s[0], s[-1]),
         },
-    }
-
-
-def measure_loss_curve(
-    run, steps: int, layers: int, grid_points: int = 25, val_windows: int = 32, seed: int = 0, log=print
-) -> dict:
-    """Train one `layers`-layer denoiser over [sigma_min, sigma_max] on the run's data; return CE(sigma).
-
-    sigma is drawn log-uniformly so every part of the range is trained; the loss is plain cross-entropy.
-    Validation CE is measured at `grid_points` log-spaced sigmas with one fixed noise draw each.
-    """
-    from dbscale.models.llama import DenoiserBlock, block_reads_table, denoiser_loss
-
-    cfg = run.config
-    d, t = cfg.diffusion, cfg.train
-    torch.manual_seed(seed)
-    E = run.load_target_embedding()
-    reads_table = block_reads_table(cfg.model)  # the head/context/readout switches need it
-    model = DenoiserBlock(cfg.model, run.vocab_size, layers, d.sigma_data, E if reads_table else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    warmup = max(1, min(t.warmup_steps, steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
-    train, val = run.shards("train"), run.shards("val")
-    length = cfg.model.seq_len + 1
-    rng = np.random.default_rng(seed)
-    g = torch.Generator().manual_seed(seed)
-    lo, hi = math.log(d.sigma_min), math.log(d.sigma_max)
-    t0 = time.time()
-    model.train()
-    for step in range(steps):
-        window = torch.from_numpy(train.random_windows(rng, t.micro_batch, length))
-        sigma = torch.exp(lo + (hi - lo) * torch.rand(t.micro_batch, generator=g))
-        noise = torch.randn(t.micro_batch, length - 1, E.shape[1], generator=g)
-        loss, _ = denoiser_loss(model, window, E, sigma, noise, "none", d.sigma_data)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
-        opt.step()
-        sched.step()
-        if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
-            rate = (step + 1) * t.micro_batch * (length - 1) / (time.time() - t0)
-            log(f"[calibrate] step {step + 1}/{steps}  loss {loss.item():.3f}  {rate:,.0f} tok/s")
-    model.eval()
-    windows = torch.from_numpy(val.fixed_windows(val_windows, length, seed=seed + 1))
-    sigmas = np.exp(np.linspace(lo, hi, grid_points)).tolist()
-    sigmas[0], sigmas[-1] = d.sigma_min, d.sigma_max
-    ce = []
-    with torch.no_grad():
-        for s in sigmas:
-            gs = torch.Generator().manual_seed(seed + 2)
-            total = 0.0
-            for i in range(0, val_windows, t.micro_batch):
-                w = windows[i : i + t.micro_batch]
-                noise = torch.randn(w.shape[0], length - 1, E.shape[1], generator=gs)
-                _, per_seq = denoiser_loss(model, w, E, torch.full((w.shape[0],), s), noise, "none", d.sigma_data)
-                total += per_seq.sum().item()
-            ce.append(total / val_windows)
-    mass = [lognormal_cdf(b, d.P_mean, d.P_std) for b in sigmas]
-    return {
-        "sigma": sigmas,
-        "ce": ce,
-        "lognormal_cdf": mass,
-        "steps": steps,
-        "layers": layers,
-        "val_windows": val_windows,
-        "seconds": round(time.time() - t0, 1),
     }

@@ -125,6 +125,15 @@ class TPartition:
     def from_config(cls, d) -> TPartition:
         return cls.build(d.num_blocks, schedule_from_config(d), d.gamma, d.t_boundaries)
 
+    @classmethod
+    def from_record(cls, record: dict) -> TPartition:
+        """From the record a run's manifest stores (the one source every job and merged model reads)."""
+        return cls(
+            tuple(record["t_boundaries"]),
+            tuple(tuple(iv) for iv in record["block_intervals"]),
+            tuple(tuple(iv) for iv in record["train_intervals"]),
+        )
+
 
 def stratified_times(n: int, lo: float, hi: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """n times in [lo, hi], one per stratum: t_i = lo + (hi - lo) (u + i) / n with one shared u ~ U(0, 1)

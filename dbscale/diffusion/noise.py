@@ -56,3 +56,10 @@ def sample_truncated_lognormal(
     q = q_lo + u * (q_hi - q_lo)
     sigma = torch.exp(P_mean + P_std * torch.special.ndtri(q))
     return sigma.clamp(lo, hi)
+
+
+def frozen_target_embedding(vocab_size: int, dim: int, seed: int) -> torch.Tensor:
+    """The run's shared target space: a seeded Gaussian table with unit-L2-norm rows (docs/METHOD.md 4)."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(vocab_size, dim, generator=g, dtype=torch.float32)
+    return table / table.norm(dim=-1, keepdim=True).clamp(min=1e-12)

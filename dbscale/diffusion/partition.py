@@ -103,6 +103,17 @@ class Partition:
         """From a `DiffusionConfig`."""
         return cls.build(d.num_blocks, d.partition, d.gamma, d.P_mean, d.P_std, d.sigma_min, d.sigma_max, d.boundaries)
 
+    @classmethod
+    def from_record(cls, record: dict) -> Partition:
+        """From the record a run's manifest stores (the one source every job and merged model reads)."""
+        if record.get("pending"):
+            raise ValueError("the partition is still to be calibrated")
+        return cls(
+            tuple(record["sigma_boundaries"]),
+            tuple(tuple(iv) for iv in record["block_intervals"]),
+            tuple(tuple(iv) for iv in record["train_intervals"]),
+        )
+
     def block_interval(self, b: int) -> tuple[float, float]:
         return self.intervals[b]
 

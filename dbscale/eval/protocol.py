@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dbscale import families
 from dbscale.errors import GenerationError
 from dbscale.eval.features import Featurizer, FeaturizerError, mauve_score
 from dbscale.eval.likelihood import require_family
@@ -126,11 +127,11 @@ def evaluate(
     from dbscale.run import open_run
 
     run = open_run(run_dir)
-    if run.config.model.family == "masked":
+    family = families.get(run.config.model.family)
+    if family.generates != "tokens":
         raise GenerationError(
-            f"{run_dir}: the MAUVE protocol of tools/evaluate.py samples continuations token by token (the 'llama' "
-            "and 'huginn' families); this run is of the 'masked' family. Fix: use tools/generate.py --bpc and "
-            "bench/masked.py."
+            f"{run_dir}: the MAUVE protocol of tools/evaluate.py samples continuations token by token; the "
+            f"'{family.name}' family generates whole sequences. Fix: use tools/generate.py --bpc and bench/masked.py."
         )
     prompts, references = heldout_prompts(run, s)
     featurizer = Featurizer(s.featurizer)

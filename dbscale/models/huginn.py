@@ -144,6 +144,10 @@ class HuginnLM(nn.Module):
         return self.lm_head(self.norm(h), targets, ce_chunk)
 
     # --- generation interface shared with the other families ------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        return self.cfg.seq_len
+
     def new_cache(self) -> HuginnCache:
         return HuginnCache(self.inference_iterations)
 
@@ -219,9 +223,9 @@ class HuginnDiffusionLM(DiffusionBlocksLM):
     def make_block(cfg: Config, vocab_size: int, n_layers: int, table: torch.Tensor) -> nn.Module:
         return HuginnDenoiser(cfg.model, vocab_size, cfg.diffusion.sigma_data, table)
 
-    @staticmethod
-    def default_steps(cfg: Config) -> int:
-        return cfg.diffusion.sample_steps or DEFAULT_EULER_STEPS
+    def default_steps(self) -> int:
+        """K Euler steps of the core per token: diffusion.sample_steps, or DEFAULT_EULER_STEPS."""
+        return self.cfg.diffusion.sample_steps or DEFAULT_EULER_STEPS
 
     def new_cache(self) -> _StepCaches:
         caches = _StepCaches(KVCache() for _ in self.sigmas)

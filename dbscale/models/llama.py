@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dbscale.config import Config, ModelConfig
-from dbscale.diffusion.noise import edm_loss_weight, edm_precond
-from dbscale.diffusion.partition import config_step_sigmas, steps_to_blocks
+from dbscale.diffusion.noise import edm_loss_weight, edm_precond, frozen_target_embedding  # noqa: F401 (re-export)
+from dbscale.diffusion.partition import Partition, default_num_steps, step_sigmas, steps_to_blocks
 from dbscale.diffusion.sampler import clean_estimate, sample_chain
 from dbscale.models.layers import (
     Head,
@@ -34,13 +34,6 @@ from dbscale.models.layers import (
     stream_attention_mask,
     zero_init_adaln,
 )
-
-
-def frozen_target_embedding(vocab_size: int, dim: int, seed: int) -> torch.Tensor:
-    """The run's shared target space: a seeded Gaussian table with unit-L2-norm rows (docs/METHOD.md 4)."""
-    g = torch.Generator().manual_seed(seed)
-    table = torch.randn(vocab_size, dim, generator=g, dtype=torch.float32)
-    return F.normalize(table, dim=-1)
 
 
 class LlamaLM(nn.Module):
@@ -91,6 +84,10 @@ class LlamaLM(nn.Module):
         return self.lm_head(self.norm(x), targets, ce_chunk)
 
     # --- generation interface shared with DiffusionBlocksLM -----------------------------------------------
+    @property
+    def context_length(self) -> int:
+        return self.cfg.seq_len
+
     def new_cache(self) -> KVCache:
         return KVCache()
 
@@ -280,7 +277,8 @@ class DiffusionBlocksLM(nn.Module):
     uniforms of sampled estimates, the noise of ancestral steps) comes from a generator seeded by (seed,
     position), so cached, uncached and teacher-forced runs of the chain draw the same numbers."""
 
-    def __init__(self, cfg: Config, vocab_size: int, target_embedding: torch.Tensor):
+    def __init__(self, cfg: Config, vocab_size: int, target_embedding: torch.Tensor, partition=None):
+        """partition: the run's `Partition` as its manifest records it (default: computed from cfg)."""
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         d = cfg.diffusion
@@ -288,7 +286,10 @@ class DiffusionBlocksLM(nn.Module):
             self.make_block(cfg, vocab_size, n, target_embedding.float()) for n in cfg.layer_allocation()
         )
         self.register_buffer("target_embedding", target_embedding.float(), persistent=True)
-        self.sigmas = config_step_sigmas(d, self.default_steps(cfg))
+        partition = partition or Partition.from_config(d)
+        self.sigmas = step_sigmas(
+            self.default_steps(), d.partition, d.P_mean, d.P_std, d.sigma_min, d.sigma_max, list(partition.boundaries)
+        )
         self.step_blocks = steps_to_blocks(len(self.sigmas), d.num_blocks)
         self.estimate, self.step = d.sample_estimate, d.sample_step
 
@@ -296,9 +297,13 @@ class DiffusionBlocksLM(nn.Module):
     def make_block(cfg: Config, vocab_size: int, n_layers: int, table: torch.Tensor) -> nn.Module:
         return DenoiserBlock(cfg.model, vocab_size, n_layers, cfg.diffusion.sigma_data, table)
 
-    @staticmethod
-    def default_steps(cfg: Config) -> int | None:
-        return None  # one Euler step per block (diffusion.sample_steps overrides)
+    def default_steps(self) -> int:
+        """Sampler steps per token: diffusion.sample_steps, or one per block (the paper's AR setting)."""
+        return default_num_steps(self.cfg.diffusion.num_blocks, self.cfg.diffusion.sample_steps)
+
+    @property
+    def context_length(self) -> int:
+        return self.cfg.model.seq_len
 
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.sigmas]  # one per step: each step runs at one fixed sigma

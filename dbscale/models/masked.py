@@ -108,7 +108,8 @@ class MaskedDiffusionLM(nn.Module):
 
     The end-to-end baseline is the same object with one block of all L layers owning [0, 1]."""
 
-    def __init__(self, cfg: Config, vocab_size: int, e2e: bool = False):
+    def __init__(self, cfg: Config, vocab_size: int, e2e: bool = False, partition: TPartition | None = None):
+        """partition: the run's `TPartition` as its manifest records it (default: computed from cfg)."""
         super().__init__()
         self.cfg, self.vocab_size, self.mask_id = cfg, vocab_size, vocab_size
         self.schedule = schedule_from_config(cfg.diffusion)
@@ -116,7 +117,7 @@ class MaskedDiffusionLM(nn.Module):
             alloc, self.intervals = [cfg.model.n_layers], [(0.0, 1.0)]
         else:
             alloc = cfg.layer_allocation()
-            self.intervals = list(TPartition.from_config(cfg.diffusion).intervals)
+            self.intervals = list((partition or TPartition.from_config(cfg.diffusion)).intervals)
         self.blocks = nn.ModuleList(MaskedDenoiser(cfg.model, vocab_size, n) for n in alloc)
         self.time_conditioned = cfg.model.time_conditioning
         self.model_calls = 0  # denoiser evaluations made by the sampler (what the cache saves)

@@ -1,0 +1,101 @@
+"""What the Gaussian families (llama, huginn) share: the sigma partition, the noise draw and the block loss.
+
+A block job draws one sigma per sequence from the log-normal truncated to its widened slice and one
+z_sigma = E[y] + sigma * eps per target (docs/METHOD.md 2-4); its loss is denoiser_loss (the per-block
+objective, paper Eq. 6 with a cross-entropy readout). The baseline is a plain causal LM loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from dbscale.diffusion.noise import sample_truncated_lognormal
+from dbscale.diffusion.partition import Partition
+from dbscale.families.base import Family, Job, StepInfo
+
+
+class GaussianFamily(Family):
+    space = "sigma"
+    target_table = True
+
+    def validate(self, cfg, fail) -> None:
+        d = cfg.diffusion
+        if d.t_boundaries is not None:
+            fail("diffusion.t_boundaries", "is read by the masked family only; remove it.")
+        if d.partition == "calibrated" and d.boundaries is None and not self.calibratable:
+            fail(
+                "diffusion.boundaries",
+                f"the '{self.name}' family cannot measure its partition at prepare time. Fix: give the "
+                "calibrated boundaries, or choose partition 'equiprobable' or 'uniform'.",
+            )
+
+    def partition_record(self, cfg) -> dict:
+        d = cfg.diffusion
+        if d.partition == "calibrated" and d.boundaries is None:
+            return {"kind": "calibrated", "pending": True, "method": d.calibration}
+        p = Partition.from_config(d)
+        return {
+            "kind": d.partition,
+            "gamma": d.gamma,
+            "sigma_boundaries": list(p.boundaries),
+            "block_intervals": [list(iv) for iv in p.intervals],
+            "train_intervals": [list(iv) for iv in p.train_intervals],
+        }
+
+    def partition(self, record: dict) -> Partition:
+        return Partition.from_record(record)
+
+    def job(self, run, block: int | None) -> Job:
+        job = super().job(run, block)
+        if block is not None:
+            job.extras["table"] = run.load_target_embedding()  # the noisy targets (and head/context/readout)
+        return job
+
+    def draw(self, job: Job, window: torch.Tensor, noise_seed: int) -> tuple:
+        if not job.is_block:
+            return ()
+        d = job.cfg.diffusion
+        g = torch.Generator().manual_seed(noise_seed)
+        sigma = sample_truncated_lognormal(len(window), *job.interval, d.P_mean, d.P_std, generator=g)
+        g_dev = torch.Generator(device=window.device).manual_seed(noise_seed)  # noise is drawn where it is used
+        shape = (len(window), window.shape[1] - 1, job.cfg.model.embed_dim)
+        noise = torch.randn(shape, generator=g_dev, device=window.device)
+        return sigma.float().to(window.device), noise
+
+    def loss(self, job: Job, model, window: torch.Tensor, draw: tuple, step: StepInfo) -> tuple:
+        from dbscale.models.llama import denoiser_loss, lm_loss
+
+        ce_chunk = job.cfg.train.ce_chunk
+        if not job.is_block:
+            loss = lm_loss(model, window, ce_chunk)
+            return loss, loss.detach().expand(window.shape[0])
+        sigma, noise = draw
+        d = job.cfg.diffusion
+        table = job.extras["table"]
+        if table.device != window.device:
+            table = job.extras["table"] = table.to(window.device)
+        return denoiser_loss(model, window, table, sigma, noise, d.loss_weighting, d.sigma_data, ce_chunk)
+
+    def partition_figure(self, run, path, plt) -> None:
+        d = run.config.diffusion
+        part = run.manifest["partition"]
+        sigma = np.logspace(math.log10(d.sigma_min), math.log10(d.sigma_max), 600)
+        density = np.exp(-((np.log(sigma) - d.P_mean) ** 2) / (2 * d.P_std**2)) / (d.P_std * math.sqrt(2 * math.pi))
+        fig, ax = plt.subplots(figsize=(8, 3.6))
+        ax.plot(sigma, density, color="black", lw=1.5, label=f"ln sigma ~ N({d.P_mean}, {d.P_std}^2)")
+        from dbscale.report import shade_intervals
+
+        shade_intervals(ax, sigma, density, part["block_intervals"], part["train_intervals"])
+        ax.set_xscale("log")
+        ax.set_xlabel("sigma (log scale)")
+        ax.set_ylabel("density of ln sigma")
+        ax.set_title(
+            f"{part['kind']} partition, B={len(part['block_intervals'])}, gamma={part['gamma']} (hatched: overlap)"
+        )
+        ax.legend(fontsize=7, loc="upper right")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)

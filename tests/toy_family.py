@@ -1,0 +1,98 @@
+"""A fourth model family, registered from outside dbscale: the walk-through of docs/adding_a_family.md.
+
+'bigram' is a Gaussian family whose baseline is a bigram LM (logits = a table row of the previous token) and
+whose block is a bigram denoiser: the same table as the context's prior, plus the exact Gaussian evidence of
+the noisy target (the posterior readout of docs/METHOD.md 5b). Everything else (partition, noise draw, loss,
+chain sampler, merge, generation) comes from dbscale. Imported by every dbscale process that has
+DBSCALE_FAMILIES=toy_family and this folder on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dbscale import families
+from dbscale.families.gaussian import GaussianFamily
+from dbscale.models.layers import KVCache
+from dbscale.models.llama import DiffusionBlocksLM
+
+
+class BigramLM(nn.Module):
+    """The baseline: p(x_i | x_<i) = softmax(W[x_{i-1}])."""
+
+    def __init__(self, vocab_size: int, seq_len: int):
+        super().__init__()
+        self.prior = nn.Embedding(vocab_size, vocab_size)
+        self.context_length = seq_len
+        nn.init.zeros_(self.prior.weight)
+
+    def forward(self, tokens, positions=None, cache=None, targets=None, ce_chunk: int = 0):
+        logits = self.prior(tokens)
+        if cache is not None:
+            n = tokens.shape[1]
+            start = len(cache)
+            new = torch.arange(start, start + n)
+            cache.positions = new if cache.positions is None else torch.cat([cache.positions, new])
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+
+    def new_cache(self) -> KVCache:
+        return KVCache()
+
+    @torch.no_grad()
+    def next_token_logits(self, cache, new_tokens, seed: int = 0, **sampling):
+        return self(new_tokens, cache=cache)[:, -1].float()
+
+
+class BigramDenoiser(nn.Module):
+    """A block: logits = W[x_{i-1}] + <z, E_v> / sigma^2 (noisy position i follows the last clean token)."""
+
+    def __init__(self, vocab_size: int, table: torch.Tensor):
+        super().__init__()
+        self.prior = nn.Embedding(vocab_size, vocab_size)
+        nn.init.zeros_(self.prior.weight)
+        self.register_buffer("target_table", table, persistent=False)
+
+    def forward(self, clean, z, sigma, clean_pos=None, noisy_pos=None, cache=None, targets=None, ce_chunk: int = 0):
+        if cache is not None and clean.shape[1]:
+            pos = clean_pos if clean_pos is not None else torch.arange(clean.shape[1])
+            cache.positions = pos if cache.positions is None else torch.cat([cache.positions, pos])
+        prev = clean[:, clean.shape[1] - z.shape[1] :]
+        logits = self.prior(prev) + z.float() @ self.target_table.T / sigma.float().view(-1, 1, 1) ** 2
+        if targets is None:
+            return None, logits
+        return None, F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+
+
+class BigramChain(DiffusionBlocksLM):
+    """The merged model: dbscale's chain sampler over bigram blocks."""
+
+    @staticmethod
+    def make_block(cfg, vocab_size: int, n_layers: int, table: torch.Tensor) -> nn.Module:
+        return BigramDenoiser(vocab_size, table)
+
+
+class BigramFamily(GaussianFamily):
+    name = "bigram"
+
+    def build(self, job):
+        if not job.is_block:
+            return BigramLM(job.vocab_size, job.cfg.model.seq_len)
+        return BigramDenoiser(job.vocab_size, job.extras["table"])
+
+    def build_merged(self, cfg, vocab_size, manifest, state):
+        if manifest["kind"] == "blocks":
+            partition = self.partition(manifest["partition"])
+            return BigramChain(cfg, vocab_size, state["target_embedding"], partition), state
+        return BigramLM(vocab_size, cfg.model.seq_len), state
+
+    def dry_run_models(self, cfg, vocab_size):
+        table = torch.empty(vocab_size, cfg.model.embed_dim)
+        blocks = [BigramDenoiser(vocab_size, table) for _ in self.layer_allocation(cfg)]
+        return BigramLM(vocab_size, cfg.model.seq_len), blocks
+
+
+families.register(BigramFamily())
