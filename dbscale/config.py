@@ -147,7 +147,10 @@ class DiffusionConfig:
         "How prepare turns the measured CE(sigma) curve into boundaries when partition is 'calibrated' and "
         "boundaries are null: 'ce_levels', 'loss_integral' or 'lognormal' (see tools/calibrate_noise.py).",
     )
-    calibration_steps: int = _field(200, "Training steps of the calibration denoiser run at prepare time.")
+    calibration_steps: int | None = _field(
+        None,
+        "Training steps of the calibration denoiser at prepare time; null = half of train.steps, between 20 and 200.",
+    )
     gamma: float = _field(0.1, "Overlap: each interval is widened by (hi/lo)^gamma in log space (0.1 for text).")
     P_mean: float = _field(-1.2, "Mean of ln(sigma) in the EDM log-normal noise distribution.")
     P_std: float = _field(1.2, "Std of ln(sigma) in the EDM log-normal noise distribution.")
@@ -202,7 +205,19 @@ class DataConfig:
         "dataset via hf_path), 'lm1b', 'openwebtext' (HF presets) or 'text8' (HF, or a local raw text8 file "
         "in hf_data_files, split by position 90/5/5 %).",
     )
-    paths: list[str] = _field([], "Files or folders of .txt documents for source 'files' (one document per file).")
+    paths: list[str] = _field(
+        [],
+        "Source 'files': files, folders (every .txt and .jsonl inside) or globs. A .txt file is one document; a "
+        ".jsonl file holds one document per line in its `text_field`. `dbscale prepare --data X` sets them.",
+    )
+    split_files: Literal["auto", "always", "never"] = _field(
+        "auto",
+        "Source 'files': cut each file into documents of about `document_chars` characters at "
+        "`document_separator` (so one big text file still gets a held-out validation split): 'auto' when the files "
+        "give fewer than 10 documents, 'always', or 'never' (one document per file).",
+    )
+    document_separator: str = _field("\n\n", "Where a file may be cut into documents (default: blank lines).")
+    document_chars: int = _field(20_000, "Characters per document when files are cut (split_files).")
     hf_path: str | None = _field(None, "HF datasets path for source 'hf' (e.g. 'json' with hf_data_files).")
     hf_name: str | None = _field(None, "HF dataset configuration name.")
     hf_split: str = _field("train", "HF split to read documents from.")
@@ -408,6 +423,9 @@ def apply_overrides(data: dict, overrides: list[str], where: str = "--set") -> d
         section, key = parts
         if section not in _SECTIONS:
             raise _unknown_key(where, section, list(_SECTIONS))
+        known = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+        if key not in known:
+            raise _unknown_key(f"{where} {dotted.strip()}: section '{section}'", key, known)
         data.setdefault(section, {})
         if data[section] is None:
             data[section] = {}
@@ -434,7 +452,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with sections {list(_SECTIONS)}.")
     apply_overrides(data, overrides or [])
-    return config_from_dict(data, where=str(path))
+    try:
+        return config_from_dict(data, where=str(path))
+    except ConfigError as e:  # a bad value that came from the command line: say so, not the file
+        given = [o.split("=", 1)[0].strip() for o in overrides or []]
+        culprit = next((k for k in given if f"'{k}'" in str(e) or f" {k}:" in str(e)), None)
+        if culprit is None:
+            raise
+        raise ConfigError(str(e).replace(f"{path}:", f"--set {culprit} (over {path}):", 1)) from None
 
 
 def validate(cfg: Config, where: str = "<config>") -> None:
@@ -478,7 +503,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             "target_dim",
         ),
         "diffusion": ("sample_steps",),
-        "data": ("max_documents", "tokenizer_train_chars"),
+        "data": ("max_documents", "tokenizer_train_chars", "document_chars"),
     }
     for section, keys in positive.items():
         for key in keys:
@@ -510,7 +535,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     family.validate(cfg, fail)
     if not 0 < d.sigma_min < d.sigma_max:
         fail("diffusion.sigma_min", f"need 0 < sigma_min < sigma_max, got {d.sigma_min}, {d.sigma_max}.")
-    if d.calibration_steps < 1:
+    if d.calibration_steps is not None and d.calibration_steps < 1:
         fail("diffusion.calibration_steps", f"must be >= 1, got {d.calibration_steps}.")
     if d.partition == "calibrated" and d.boundaries is not None:
         bounds = d.boundaries

@@ -18,6 +18,7 @@ from pathlib import Path
 from dbscale.errors import RunError
 from dbscale.files import atomic_write_text
 
+LAUNCHERS = Path(__file__).resolve().parents[1] / "launchers"  # the repository's launcher scripts
 _HOST_LINE = re.compile(r"^(?P<host>[A-Za-z0-9_.\-]+)(\s+slots=(?P<slots>\d+))?\s*$")
 
 
@@ -130,6 +131,7 @@ def plan(
     num_gpus: int | None,
     e2e: bool = False,
     extra: list[str] | None = None,
+    verbose: bool = False,
 ) -> list[BlockLaunch]:
     """The deepspeed command of every job; with a hostfile, also each block's own hostfile content.
 
@@ -156,10 +158,11 @@ def plan(
         ports = [DEFAULT_HOSTFILE_PORT_BASE + i for i in range(len(jobs))]
     else:
         ports = local_ports(len(jobs))
+    quiet = [] if verbose else ["--log_level", "warning"]  # the launcher's INFO lines
     launches = []
     for job, port in zip(jobs, ports, strict=True):
         job_dir = run.job_dir(job)
-        script = ["launchers/train_e2e.py"] if job is None else ["launchers/train_block.py"]
+        script = [str(LAUNCHERS / ("train_e2e.py" if job is None else "train_block.py"))]
         args = ["--run", str(run.root), *([] if job is None else ["--block", str(job)]), *(extra or [])]
         if hostfile:
             group = groups[job]
@@ -173,6 +176,7 @@ def plan(
                 group[0][0],
                 "--master_port",
                 str(port),
+                *quiet,
                 *script,
                 *args,
             ]
@@ -182,7 +186,7 @@ def plan(
             )
         else:
             gpus = ["--num_gpus", str(num_gpus)] if num_gpus else []
-            cmd = [deepspeed, *gpus, "--master_port", str(port), *script, *args]
+            cmd = [deepspeed, *gpus, "--master_port", str(port), *quiet, *script, *args]
             launches.append(BlockLaunch(job, cmd, job_dir / "launch.log", None, ["localhost"], port))
     return launches
 
@@ -196,7 +200,7 @@ def _stream(proc: subprocess.Popen, prefix: str, log_file, lock: threading.Lock)
             sys.stdout.flush()
 
 
-def execute(launches: list[BlockLaunch], concurrent: bool, cwd: Path, env: dict) -> dict[str, int]:
+def execute(launches: list[BlockLaunch], concurrent: bool, cwd: Path | None, env: dict) -> dict[str, int]:
     """Run the launches (all at once, or one after another); returns each job's exit status."""
     lock = threading.Lock()
     codes: dict[str, int] = {}

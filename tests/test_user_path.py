@@ -1,0 +1,104 @@
+"""A user's own data and settings: one file, a folder, a glob or a .jsonl as the corpus; changing train.steps of
+a prepared run; errors that blame the command line when the command line is wrong."""
+
+import json
+
+import pytest
+
+from dbscale.commands.prepare import data_overrides
+from dbscale.config import ConfigError, config_from_dict, load_config
+from dbscale.data.sources import cut_into_documents, load_documents, load_split_documents
+from dbscale.errors import DataError, RunError
+from dbscale.run import open_run, prepare_run
+
+
+def quiet(*args):
+    pass
+
+
+def test_cutting_a_text_keeps_every_piece_in_order():
+    pieces = [f"paragraph {i} " + "x" * (i * 37 % 300) for i in range(60)]
+    text = "\n\n".join(pieces)
+    docs = cut_into_documents(text, "\n\n", 1000)
+    assert "\n\n".join(docs) == text  # nothing lost, nothing reordered
+    assert all(len(d) <= 1000 or "\n\n" not in d for d in docs)  # only a single long piece may exceed the size
+    assert len(docs) >= len(text) // 1000
+    assert cut_into_documents("one\n\n\n\ntwo", "\n\n", 3) == ["one", "two"]  # empty pieces are dropped
+
+
+def test_one_text_file_is_cut_into_documents_and_split(tmp_path, speeches):
+    corpus = tmp_path / "book.txt"
+    corpus.write_text("\n\n".join(p.read_text() for p in speeches[:3]))
+    cfg = config_from_dict({"data": {"source": "files", "paths": [str(corpus)], "document_chars": 5000}}).data
+    logs = []
+    train, val = load_split_documents(cfg, logs.append)
+    assert len(train) + len(val) >= len(corpus.read_text()) // 5000 and len(val) >= 1
+    assert any("1 file(s) with 1 document(s): cut into" in m for m in logs)
+    never = config_from_dict({"data": {"source": "files", "paths": [str(corpus)], "split_files": "never"}}).data
+    with pytest.raises(DataError, match=r"needs at least 2.*data.split_files: always"):
+        load_split_documents(never, quiet)
+
+
+def test_folders_globs_and_jsonl(tmp_path):
+    (tmp_path / "a").mkdir()
+    for i in range(3):
+        (tmp_path / "a" / f"{i}.txt").write_text(f"document {i}")
+    rows = [{"text": f"row {i}"} for i in range(4)] + [{"text": 5}]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+
+    def docs(*paths, **extra):
+        data = {"source": "files", "paths": list(paths), "split_files": "never", **extra}
+        return load_documents(config_from_dict({"data": data}).data, quiet)
+
+    assert docs(str(tmp_path / "a")) == ["document 0", "document 1", "document 2"]
+    assert docs(str(tmp_path / "a" / "*.txt")) == ["document 0", "document 1", "document 2"]
+    assert docs(str(tmp_path / "rows.jsonl")) == ["row 0", "row 1", "row 2", "row 3"]  # non-text rows skipped
+    with pytest.raises(DataError, match="rows.jsonl:1: expected a JSON object with a 'body' field"):
+        docs(str(tmp_path / "rows.jsonl"), text_field="body")
+    with pytest.raises(DataError, match=r"the pattern '.*\*.md' matches no file"):
+        docs(str(tmp_path / "*.md"))
+
+
+def test_data_option_becomes_config_overrides(tmp_path):
+    f = tmp_path / "my corpus.txt"
+    f.write_text("x")
+    assert data_overrides(str(f)) == ["data.source=files", f"data.paths={json.dumps([str(f)])}"]
+    assert data_overrides("books/*.txt")[0] == "data.source=files"
+    assert data_overrides("wikitext") == ["data.source=hf", 'data.hf_path="wikitext"']
+    with pytest.raises(DataError, match="no such file or folder"):
+        data_overrides("./missing.txt")
+    cfg = load_config("configs/llama_tiny.yaml", data_overrides(str(f)))
+    assert cfg.data.source == "files" and cfg.data.paths == [str(f)]
+
+
+def test_command_line_mistakes_blame_the_command_line():
+    with pytest.raises(ConfigError, match=r"^--set train.stepz: section 'train': unknown key 'stepz'. Did you mean"):
+        load_config("configs/llama_tiny.yaml", ["train.stepz=3"])
+    with pytest.raises(
+        ConfigError, match=r"^--set train.steps \(over configs/llama_tiny.yaml\): .* must be an integer"
+    ):
+        load_config("configs/llama_tiny.yaml", ["train.steps=abc"])
+    with pytest.raises(ConfigError, match=r"^configs/llama_tiny.yaml: .*train"):  # a file mistake still names the file
+        config_from_dict({"train": {"steps": "abc"}}, where="configs/llama_tiny.yaml")
+
+
+def test_train_settings_of_a_prepared_run_change_until_a_job_starts(tiny_cfg, tmp_path, process_group):
+    from dbscale.train.trainer import Trainer
+
+    run = prepare_run(tiny_cfg(train={"steps": 6}), tmp_path / "run", log=quiet)
+    logs = []
+    longer = prepare_run(tiny_cfg(train={"steps": 9}), run.root, log=logs.append)
+    assert longer.config.train.steps == 9 and longer.run_id == run.run_id
+    assert any("no job has started; updated train.steps: 6 -> 9" in m for m in logs)
+    open_run(run.root)  # the hashes still verify
+    Trainer(open_run(run.root), 0, 0, 1).train()
+    with pytest.raises(RunError, match=r"jobs \[0\] have started.*--set train.steps=N.*new --run"):
+        prepare_run(tiny_cfg(train={"steps": 12}), run.root, log=quiet)
+    with pytest.raises(RunError, match="prepared from another config"):  # other sections never change
+        prepare_run(tiny_cfg(train={"steps": 9}, model={"d_model": 64}), run.root, log=quiet)
+
+
+def test_calibration_budget_follows_the_training_budget(tiny_cfg, tmp_path):
+    logs = []
+    prepare_run(tiny_cfg(train={"steps": 30}, diffusion={"partition": "calibrated"}), tmp_path / "r", log=logs.append)
+    assert any("a 1-layer denoiser, 20 steps" in m for m in logs)  # half of 30 is below the floor of 20
