@@ -63,6 +63,11 @@ def hash_files(files: list[Path]) -> dict[str, dict]:
     return {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files}
 
 
+def hash_files_under(root: Path) -> dict[str, dict]:
+    """Size and sha256 of every file under root, keyed by relative path."""
+    return {n: {"bytes": (root / n).stat().st_size, "sha256": sha256_file(root / n)} for n in tree_files(root)}
+
+
 def write_marker(job_dir: Path, tag: str, identity: dict, files: dict[str, dict]) -> None:
     atomic_write_json(job_dir / tag / MARKER, {**identity, "tag": tag, "files": files, "complete": True})
 
@@ -105,7 +110,8 @@ def verify_tag(job_dir: Path, tag: str, run_id: str | None = None, block=None) -
         )
     if block != "any" and marker.get("block") != block:
         raise CheckpointError(f"{tag_dir}: checkpoint is of block {marker.get('block')}, expected {block}.")
-    unlisted = sorted(p.name for p in tag_dir.iterdir() if p.name != MARKER and p.name not in marker["files"])
+    present = tree_files(tag_dir)
+    unlisted = sorted(name for name in present if name != MARKER and name not in marker["files"])
     if unlisted:
         more = f" (and {len(unlisted) - 1} more: {', '.join(unlisted[1:])})" if len(unlisted) > 1 else ""
         raise CheckpointError(
@@ -116,13 +122,19 @@ def verify_tag(job_dir: Path, tag: str, run_id: str | None = None, block=None) -
     identities = {}
     for name, rec in marker["files"].items():
         f = tag_dir / name
-        if "/" in name or name in ("", ".", ".."):
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or any(part in ("", ".", "..") for part in parts):
             raise CheckpointError(f"{marker_path}: lists '{name}', which is not a file name of this tag.")
         if not f.is_file():
             raise CheckpointError(f"{f}: missing from checkpoint {tag}.")
         identities[name] = _identity(f)
         check_file(f, rec)
     return CheckpointInfo(tag, marker["step"], marker, tag_dir, identities)
+
+
+def tree_files(root: Path) -> list[str]:
+    """Every entry under root that is not a directory, as a relative POSIX path (a universal checkpoint nests)."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir())
 
 
 def check_file(f: Path, rec: dict) -> None:
@@ -209,6 +221,7 @@ def verified_view(info: CheckpointInfo) -> Iterator[Path]:
     try:
         for name, rec in info.marker["files"].items():
             target = staged / name
+            target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(info.path / name, target)
             except OSError:
@@ -312,3 +325,44 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+UNIVERSAL = "universal"  # job_dir/universal/<tag>: a checkpoint converted for another process count
+
+
+def universal_tag(job_dir: Path, info: CheckpointInfo, run_id: str, block, log=print) -> CheckpointInfo:
+    """The checkpoint of `info` in DeepSpeed's universal format (job_dir/universal/<tag>/), which loads under any
+    number of processes. Converted once, from the verified view of the original, by DeepSpeed's ds_to_universal
+    under weights_only loading; published with a marker of its own (every file hashed), then verified as any tag."""
+    root = job_dir / UNIVERSAL
+    done = root / info.tag / MARKER
+    if not done.is_file():
+        import argparse
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        root.mkdir(exist_ok=True)
+        staging = root / f".{info.tag}.converting-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            log(f"[resume] converting {info.path} ({info.marker['world_size']} process(es)) to a universal checkpoint")
+            with verified_view(info) as view, weights_only_loads():
+                args = argparse.Namespace(
+                    input_folder=str(view / info.tag),
+                    output_folder=str(staging),
+                    num_extract_workers=1,
+                    num_merge_workers=1,
+                    keep_temp_folder=False,
+                    strict=True,
+                    inject_missing_state=True,
+                )
+                ds_to_universal(args)
+            files = hash_files_under(staging)
+            identity = {k: v for k, v in info.marker.items() if k not in ("files", "tag", "complete")}
+            identity["universal_from"] = {"tag": info.tag, "world_size": info.marker["world_size"]}
+            atomic_write_json(staging / MARKER, {**identity, "tag": info.tag, "files": files, "complete": True})
+            shutil.rmtree(root / info.tag, ignore_errors=True)
+            os.replace(staging, root / info.tag)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return verify_tag(root, info.tag, run_id, block)

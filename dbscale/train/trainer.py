@@ -7,6 +7,7 @@ so a resumed job reproduces the losses of an uninterrupted one exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import signal
 import time
@@ -105,7 +106,11 @@ class Trainer:
         self.initialised_from = "init" if init is not None else "random"
         self.num_params = sum(p.numel() for p in model.parameters())
 
+        self._plan_resume()
+        cfg = self.cfg  # the batch split may have changed to resume on another process count
         ds_config = deepspeed_config(cfg.train, world_size)
+        if self.resume_universal:
+            ds_config["checkpoint"] = {"load_universal": True}
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -188,6 +193,7 @@ class Trainer:
             "block": self.block,
             "step": step,
             "world_size": self.world,
+            "grad_accum": self.cfg.train.grad_accum,
             "zero_stage": self.cfg.train.zero_stage,
             "tokenizer_sha256": self.run.manifest["tokenizer_sha256"],
         }
@@ -245,21 +251,47 @@ class Trainer:
         dist.all_gather_object(everyone, failures)
         return [f for part in everyone for f in part]
 
-    def resume(self) -> int:
-        """Load the newest intact checkpoint of this job; returns the step to continue from (0 if none).
-
-        Rank 0 verifies it and stages a view holding the listed files alone; every rank loads from that view
-        with weights_only loading (dbscale/train/checkpoint.py), so no file planted in the job directory is read."""
+    def _plan_resume(self) -> None:
+        """Before the engine exists, rank 0 picks the checkpoint to resume from (verified) and every rank learns
+        whether it was saved under another process count: then it is resumed from its universal form (DeepSpeed
+        re-shards it), with grad_accum scaled so the global batch, and so the data stream, stay the same."""
         choice = [None]
-        views = ExitStack()
+        self._resume_info = None
         if self.rank == 0:
             try:
                 ckpt.remove_stale_views(self.job_dir)
-                info = ckpt.find_resumable(self.job_dir, self.run.run_id, self.block)
-                if info is not None:
-                    self._check_resumable(info)
-                    view = views.enter_context(ckpt.verified_view(info))
-                choice = [(info.tag, info.marker, str(view)) if info else None]
+                self._resume_info = ckpt.find_resumable(self.job_dir, self.run.run_id, self.block)
+                if self._resume_info is not None:
+                    self._check_resumable(self._resume_info)
+                    choice = [self._resume_info.marker]
+            except CheckpointError as e:
+                choice = [{"error": str(e)}]
+        dist.broadcast_object_list(choice, src=0)
+        marker = choice[0]
+        if marker is not None and "error" in marker:
+            raise CheckpointError(marker["error"])
+        self.resume_universal = marker is not None and marker["world_size"] != self.world
+        if self.resume_universal:
+            t = self.cfg.train
+            saved = marker["world_size"] * marker.get("grad_accum", t.grad_accum)
+            self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(t, grad_accum=saved // self.world))
+            self.resumed_from_world = marker["world_size"]
+
+    def resume(self) -> int:
+        """Load the checkpoint _plan_resume chose; returns the step to continue from (0 if none).
+
+        Rank 0 stages a view holding the verified, listed files alone (converted to the universal format first when
+        the process count changed); every rank loads from that view with weights_only loading
+        (dbscale/train/checkpoint.py), so no file planted in the job directory is ever read."""
+        choice = [None]
+        views = ExitStack()
+        if self.rank == 0 and self._resume_info is not None:
+            try:
+                info = self._resume_info
+                if self.resume_universal:
+                    info = ckpt.universal_tag(self.job_dir, info, self.run.run_id, self.block, log=tqdm.write)
+                view = views.enter_context(ckpt.verified_view(info))
+                choice = [(info.tag, info.marker, str(view))]
             except CheckpointError as e:
                 choice = [("error", str(e), None)]
         dist.broadcast_object_list(choice, src=0)
@@ -283,15 +315,25 @@ class Trainer:
             )
         if self.rank == 0:
             ckpt.remove_unfinished(self.job_dir, marker["step"])
+        if self.resume_universal:
+            self.logger.log(
+                "resharded",
+                int(marker["step"]),
+                from_world_size=self.resumed_from_world,
+                world_size=self.world,
+                grad_accum=self.cfg.train.grad_accum,
+            )
         return int(marker["step"])
 
     def _check_resumable(self, info: ckpt.CheckpointInfo) -> None:
         saved_world, saved_stage = info.marker["world_size"], info.marker["zero_stage"]
+        global_batch = saved_world * info.marker.get("grad_accum", self.cfg.train.grad_accum)
         fixes = []
-        if saved_world != self.world:
+        if global_batch % self.world:
             fixes.append(
-                f"relaunch with {saved_world} process(es) in all (this job has {self.world}; DeepSpeed cannot "
-                "re-shard a ZeRO checkpoint)"
+                f"relaunch with a process count that divides the global batch of {global_batch} micro-batches "
+                f"({saved_world} process(es) x {global_batch // saved_world} accumulation steps), so it can stay "
+                f"the same (this job has {self.world})"
             )
         if saved_stage != self.cfg.train.zero_stage:
             fixes.append(
@@ -306,7 +348,6 @@ class Trainer:
                 + "."
             )
 
-    # ---------------------------------------------------------------------------------------------------
     def after_step(self, step: int) -> None:
         """Called after every completed step (and its checkpoint, if one was due). Does nothing; a seam where
         tests inject faults into a real job (tests/hooks/sitecustomize.py), so none is read here."""
