@@ -67,9 +67,10 @@ def test_two_ranks_equal_one_rank_accumulating_and_resume_on_the_other(speeches,
     run(deepspeed_block(up, 1, num_gpus=2))
     assert losses_after_last_start(up / "blocks/1") == pytest.approx({5: reference[5], 6: reference[6]}, rel=1e-4)
     start = [e for e in read_metrics(up / "blocks/1/metrics.jsonl") if e["event"] == "start"][-1]
-    assert start["world_size"] == 2 and json.loads((up / "blocks/1/global_step6/dbscale.json").read_text())[
-        "grad_accum"
-    ] == 1
+    assert (
+        start["world_size"] == 2
+        and json.loads((up / "blocks/1/global_step6/dbscale.json").read_text())["grad_accum"] == 1
+    )
 
 
 def test_a_process_count_that_cannot_keep_the_global_batch_is_refused(speeches, tmp_path):
