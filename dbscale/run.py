@@ -160,6 +160,21 @@ def started_blocks(run: Run, with_e2e: bool = False) -> list:
     return [("e2e" if b is None else b) for b in jobs if started(run.job_dir(b))]
 
 
+# Read at prepare time only: once the partition is measured, another value changes nothing in the run.
+_CALIBRATION_ONLY = ("diffusion.calibration_steps",)
+
+
+def prepared_config_diff(prepared: dict, cfg: Config, run: Run) -> list[str]:
+    """How `cfg` differs from the config a run was prepared from, both resolved by this dbscale: a field added
+    since (absent from the run's record) takes its default and is no difference, so a run prepared by an earlier
+    version can be prepared (resumed) again."""
+    resolved = config_from_dict(json.loads(json.dumps(prepared)), where=f"{run.root / MANIFEST} (prepared config)")
+    diff = config_diff(resolved.to_dict(), cfg.to_dict())
+    if not run.manifest["partition"].get("pending"):
+        diff = [d for d in diff if not d.startswith(_CALIBRATION_ONLY)]
+    return diff
+
+
 def update_train_settings(run: Run, cfg: Config, diff: list[str], log=print) -> Run:
     """Rewrite the train.* settings of a prepared run (train.steps, the schedule, ...) before any job starts;
     afterwards refuse, saying how to continue."""
@@ -278,7 +293,7 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
             existing = open_run(root, verify=False)
             # A calibrated run is compared with the config it was prepared from, so preparing again is a no-op.
             prepared = existing.manifest.get("calibration", {}).get("prepared_config", existing.config.to_dict())
-            diff = config_diff(prepared, cfg.to_dict())
+            diff = prepared_config_diff(prepared, cfg, existing)
             if diff and all(d.startswith("train.") for d in diff):
                 return update_train_settings(existing, cfg, diff, log)
             if diff:

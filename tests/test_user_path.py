@@ -102,3 +102,26 @@ def test_calibration_budget_follows_the_training_budget(tiny_cfg, tmp_path):
     logs = []
     prepare_run(tiny_cfg(train={"steps": 30}, diffusion={"partition": "calibrated"}), tmp_path / "r", log=logs.append)
     assert any("a 1-layer denoiser, 20 steps" in m for m in logs)  # half of 30 is below the floor of 20
+
+
+def test_a_run_prepared_by_an_earlier_version_prepares_again_as_a_no_op(tiny_cfg, tmp_path):
+    """Fields added to the config since a run was prepared take their defaults, and are no difference."""
+    import yaml
+
+    from dbscale.files import sha256_file
+
+    cfg = tiny_cfg(diffusion={"partition": "calibrated", "calibration_steps": 20})
+    run = prepare_run(cfg, tmp_path / "run", log=quiet)
+    old = yaml.safe_load((run.root / "config.yaml").read_text())
+    for key in ("split_files", "document_separator", "document_chars"):  # added after the run was prepared
+        del old["data"][key]
+    (run.root / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    manifest = json.loads((run.root / "manifest.json").read_text())
+    manifest["config_sha256"] = sha256_file(run.root / "config.yaml")
+    for key in ("split_files", "document_separator", "document_chars"):
+        del manifest["calibration"]["prepared_config"]["data"][key]
+    manifest["calibration"]["prepared_config"]["diffusion"]["calibration_steps"] = 200  # an old default
+    (run.root / "manifest.json").write_text(json.dumps(manifest))
+    logs = []
+    again = prepare_run(tiny_cfg(diffusion={"partition": "calibrated"}), run.root, log=logs.append)
+    assert again.run_id == run.run_id and any("already prepared with this config" in m for m in logs)
