@@ -183,8 +183,9 @@ def update_train_settings(run: Run, cfg: Config, diff: list[str], log=print) -> 
         raise RunError(
             f"{run.root}: jobs {started} have started with the run's train settings, so they cannot change here "
             f"({'; '.join(diff[:6])}). Nothing was changed. Fix: to train a job further, resume it with the new "
-            "value (e.g. dbscale train --run R --block b --set train.steps=N: the decay of the learning rate is "
-            "recomputed for the new length from the step reached), or prepare a new --run to start fresh."
+            "value (e.g. dbscale train --run R --block b --set train.steps=N: the learning rate continues from the "
+            "value it reached and decays to the minimum over the added steps, recorded in the job's checkpoints), "
+            "or prepare a new --run to start fresh."
         )
     data = cfg.to_dict()
     current = run.config.to_dict()

@@ -125,3 +125,52 @@ def test_a_run_prepared_by_an_earlier_version_prepares_again_as_a_no_op(tiny_cfg
     logs = []
     again = prepare_run(tiny_cfg(diffusion={"partition": "calibrated"}), run.root, log=logs.append)
     assert again.run_id == run.run_id and any("already prepared with this config" in m for m in logs)
+
+
+def test_extending_train_steps_continues_the_learning_rate_and_resumes_exactly(tiny_cfg, tmp_path, process_group):
+    """Resumed with a larger train.steps, a job's LR continues from where it is and decays to the minimum at the
+    new end; the extension is recorded in its checkpoints, so a crash inside it resumes to the same numbers."""
+    from dbscale.train.metrics import read_metrics
+    from dbscale.train.trainer import Trainer
+
+    def train(run, steps, crash_after=None):
+        run.config.train.steps = steps
+        trainer = Trainer(run, 0, 0, 1)
+        if crash_after is not None:
+
+            def crash(step):
+                if step == crash_after:
+                    raise KeyboardInterrupt  # a crash right after this step's checkpoint
+
+            trainer.after_step = crash
+            with pytest.raises(KeyboardInterrupt):
+                trainer.train()
+        else:
+            trainer.train()
+
+    def lr_and_loss(run):
+        by_step = {}
+        for e in read_metrics(run.job_dir(0) / "metrics.jsonl"):
+            if e["event"] == "train":
+                by_step[e["step"]] = (e["lr"], e["loss"])
+        return by_step
+
+    runs = []
+    for name in ("straight", "crashed"):
+        cfg = tiny_cfg(train={"steps": 10, "save_every": 2, "val_every": 0, "log_every": 1, "warmup_steps": 1})
+        runs.append(prepare_run(cfg, tmp_path / name, log=quiet))
+    straight, crashed = runs
+    for run in runs:
+        train(run, 10, crash_after=6)  # stopped half-way through its 10 steps, then extended to 14
+    train(straight, 14)
+    train(crashed, 14, crash_after=10)
+    train(crashed, 14)
+    a, b = lr_and_loss(straight), lr_and_loss(crashed)
+    floor = straight.config.train.lr * straight.config.train.min_lr_ratio
+    assert a[6][0] > a[7][0] > a[10][0] > a[13][0] > a[14][0] == pytest.approx(floor)  # decaying to the minimum
+    assert a[7][0] > 0.8 * a[6][0]  # without a jump where the extension starts
+    assert a == b  # the same learning rates and losses, bit for bit, across the crash inside the extension
+    extended = [e for e in read_metrics(straight.job_dir(0) / "metrics.jsonl") if e["event"] == "extended"]
+    assert [(e["step"], e["from_steps"], e["to_steps"]) for e in extended] == [(6, 10, 14)]
+    marker = json.loads((straight.job_dir(0) / "global_step14" / "dbscale.json").read_text())
+    assert marker["schedule"]["steps"] == 10 and marker["schedule"]["extensions"][0][:2] == [6, 14]

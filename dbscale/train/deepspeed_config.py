@@ -41,20 +41,34 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
     }
 
 
-def lr_lambda(train: TrainConfig):
-    """Linear warm-up, then cosine / linear decay to min_lr_ratio, or constant. Multiplier of train.lr."""
+def lr_lambda(train: TrainConfig, schedule: dict | None = None):
+    """Linear warm-up, then cosine / linear decay to min_lr_ratio, or constant. Multiplier of train.lr.
+
+    schedule: {"steps": the total the job started with, "extensions": [[from_step, to_step, start], ...]}, what a
+    job's checkpoints record. An extension is added when a job is resumed with a larger train.steps: from
+    from_step the multiplier decays in the same shape from `start`, the value it had reached there, to
+    min_lr_ratio at to_step, so the learning rate never jumps. Default: no extension, train.steps."""
+    total = (schedule or {}).get("steps", train.steps)
+    extensions = (schedule or {}).get("extensions", [])
+
+    def decay(progress: float) -> float:
+        if train.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1 - progress
 
     def f(step: int) -> float:
         if train.warmup_steps and step < train.warmup_steps:
-            return (step + 1) / train.warmup_steps
-        if train.schedule == "constant":
-            return 1.0
-        span = max(1, train.steps - train.warmup_steps)
-        progress = min(1.0, (step - train.warmup_steps) / span)
-        if train.schedule == "cosine":
-            decay = 0.5 * (1 + math.cos(math.pi * progress))
+            multiplier = (step + 1) / train.warmup_steps
+        elif train.schedule == "constant":
+            multiplier = 1.0
         else:
-            decay = 1 - progress
-        return train.min_lr_ratio + (1 - train.min_lr_ratio) * decay
+            span = max(1, total - train.warmup_steps)
+            progress = min(1.0, (step - train.warmup_steps) / span)
+            multiplier = train.min_lr_ratio + (1 - train.min_lr_ratio) * decay(progress)
+        for start_step, end_step, start in extensions:
+            if step >= start_step and train.schedule != "constant":
+                progress = min(1.0, (step - start_step) / max(1, end_step - start_step))
+                multiplier = train.min_lr_ratio + (start - train.min_lr_ratio) * decay(progress)
+        return multiplier
 
     return f

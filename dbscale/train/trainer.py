@@ -115,7 +115,7 @@ class Trainer:
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train)),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train, self.schedule)),
         )
         self.device = self.engine.device
         self.train_shards = run.shards("train")
@@ -194,6 +194,7 @@ class Trainer:
             "step": step,
             "world_size": self.world,
             "grad_accum": self.cfg.train.grad_accum,
+            "schedule": self.schedule,
             "zero_stage": self.cfg.train.zero_stage,
             "tokenizer_sha256": self.run.manifest["tokenizer_sha256"],
         }
@@ -270,12 +271,26 @@ class Trainer:
         marker = choice[0]
         if marker is not None and "error" in marker:
             raise CheckpointError(marker["error"])
+        self.schedule = self._schedule_after(marker)
         self.resume_universal = marker is not None and marker["world_size"] != self.world
         if self.resume_universal:
             t = self.cfg.train
             saved = marker["world_size"] * marker.get("grad_accum", t.grad_accum)
             self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(t, grad_accum=saved // self.world))
             self.resumed_from_world = marker["world_size"]
+
+    def _schedule_after(self, marker: dict | None) -> dict:
+        """The LR schedule to continue with: the checkpoint's, plus an extension when train.steps grew past it."""
+        steps = self.cfg.train.steps
+        if marker is None:
+            return {"steps": steps, "extensions": []}
+        schedule = marker.get("schedule") or {"steps": steps, "extensions": []}  # (checkpoints before schedules)
+        end = schedule["extensions"][-1][1] if schedule["extensions"] else schedule["steps"]
+        if steps > end and marker["step"] < steps:
+            start = lr_lambda(self.cfg.train, schedule)(marker["step"])
+            schedule = {**schedule, "extensions": [*schedule["extensions"], [marker["step"], steps, start]]}
+            self.extended = (marker["step"], end, steps, start)
+        return schedule
 
     def resume(self) -> int:
         """Load the checkpoint _plan_resume chose; returns the step to continue from (0 if none).
@@ -315,6 +330,13 @@ class Trainer:
             )
         if self.rank == 0:
             ckpt.remove_unfinished(self.job_dir, marker["step"])
+        if getattr(self, "extended", None):
+            at, old_end, new_end, start = self.extended
+            self.logger.log("extended", at, from_steps=old_end, to_steps=new_end, lr_multiplier=start)
+            tqdm.write(
+                f"[{self.job}] train.steps {old_end} -> {new_end}: from step {at} the learning rate decays from "
+                f"{start * self.cfg.train.lr:.3g} (where it is) to the minimum at step {new_end}"
+            )
         if self.resume_universal:
             self.logger.log(
                 "resharded",
