@@ -71,6 +71,25 @@ def tiny_cfg(speeches):
     return make
 
 
+@pytest.fixture
+def small_run(tiny_cfg, tmp_path):
+    """A prepared tiny run (6 steps, a checkpoint every 2) with train.* overrides."""
+    from dbscale.run import prepare_run
+
+    def make(**train):
+        cfg = tiny_cfg(train={"steps": 6, "save_every": 2, "val_every": 0, **train})
+        return prepare_run(cfg, tmp_path / "run", log=lambda *a: None)
+
+    return make
+
+
+def events(run, block, kind) -> list[dict]:
+    """The events of one kind in a job's metrics.jsonl."""
+    from dbscale.train.metrics import read_metrics
+
+    return [e for e in read_metrics(run.job_dir(block) / "metrics.jsonl") if e["event"] == kind]
+
+
 @pytest.fixture(scope="session")
 def process_group():
     """One in-process gloo group (no TCP port, DeepSpeed on the CPU accelerator) so Trainer can run inside pytest."""

@@ -10,31 +10,17 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, fault_env
+from conftest import ROOT, events, fault_env
 
 from dbscale.errors import CheckpointError, DataError, RunError
 from dbscale.merge import load_merged, merge_run
 from dbscale.run import MANIFEST, open_run, prepare_run
 from dbscale.train import checkpoint as ckpt
 from dbscale.train.lock import LOCK
-from dbscale.train.metrics import read_metrics
 
 
 def quiet(*args):
     pass
-
-
-@pytest.fixture
-def small_run(tiny_cfg, tmp_path):
-    def make(**train):
-        cfg = tiny_cfg(train={"steps": 6, "save_every": 2, "val_every": 0, **train})
-        return prepare_run(cfg, tmp_path / "run", log=quiet)
-
-    return make
-
-
-def events(run, block, kind):
-    return [e for e in read_metrics(run.job_dir(block) / "metrics.jsonl") if e["event"] == kind]
 
 
 def nan_at(trainer, bad_steps, snapshot=None):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, events
 
 from dbscale.errors import CheckpointError, RunError
 from dbscale.files import sha256_file
@@ -18,7 +18,6 @@ from dbscale.merge import merge_run
 from dbscale.run import open_run, prepare_run, started_blocks
 from dbscale.train import checkpoint as ckpt
 from dbscale.train.lock import LOCK
-from dbscale.train.metrics import read_metrics
 
 # Every name DeepSpeed's loaders glob in a tag: zero_to_fp32's '*_model_states.pt' / '*_optim_states.pt', the
 # engine's 'mp_rank_*_model_states.pt' and 'zero_pp_rank_*_mp_rank_*_optim_states.pt', bf16 optimizer shards.
@@ -188,19 +187,6 @@ def test_the_verified_view_holds_the_listed_files_alone(finished_run, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------
 # Faults a user meets: each one clear error, the lock released, nothing lost.
-
-
-@pytest.fixture
-def small_run(tiny_cfg, tmp_path):
-    def make(**train):
-        cfg = tiny_cfg(train={"steps": 6, "save_every": 2, "val_every": 0, **train})
-        return prepare_run(cfg, tmp_path / "run", log=quiet)
-
-    return make
-
-
-def events(run, block, kind):
-    return [e for e in read_metrics(run.job_dir(block) / "metrics.jsonl") if e["event"] == kind]
 
 
 @pytest.mark.parametrize("failing_step", [2, 4])

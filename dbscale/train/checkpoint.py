@@ -31,6 +31,7 @@ from pathlib import Path
 
 from dbscale.errors import CheckpointError
 from dbscale.files import atomic_write_json, atomic_write_text, read_json, sha256_file
+from dbscale.train.lock import process_alive
 
 MARKER = "dbscale.json"
 LATEST = "latest"
@@ -241,18 +242,8 @@ def remove_stale_views(job_dir: Path) -> None:
     host = socket.gethostname()
     for view in job_dir.glob(f"{VIEW_PREFIX}{host}-*") if job_dir.is_dir() else []:
         pid = view.name[len(VIEW_PREFIX) + len(host) + 1 :].split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             shutil.rmtree(view, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def list_tags(job_dir: Path) -> list[str]:

@@ -14,7 +14,8 @@ from dbscale.errors import RunError
 LOCK = "job.lock"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with this pid exists (one of another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -45,7 +46,7 @@ class JobLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
-                if owner is None or (owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1)))):
+                if owner is None or (owner.get("host") == me["host"] and not process_alive(int(owner.get("pid", -1)))):
                     warnings.warn(
                         f"{self.path}: taking over a stale lock ({owner}); its job is no longer running.", stacklevel=2
                     )
