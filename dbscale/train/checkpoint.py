@@ -240,7 +240,8 @@ def remove_stale_views(job_dir: Path) -> None:
     """Views left by a reader on this host that was killed (its process is gone): their hard links would keep
     pruned checkpoints' bytes on disk."""
     host = socket.gethostname()
-    for view in job_dir.glob(f"{VIEW_PREFIX}{host}-*") if job_dir.is_dir() else []:
+    views = [v for d in (job_dir, job_dir / UNIVERSAL) if d.is_dir() for v in d.glob(f"{VIEW_PREFIX}{host}-*")]
+    for view in views:
         pid = view.name[len(VIEW_PREFIX) + len(host) + 1 :].split("-")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             shutil.rmtree(view, ignore_errors=True)
@@ -298,6 +299,11 @@ def prune(job_dir: Path, keep: int) -> None:
     for tag in complete[keep:]:
         if tag != latest:
             shutil.rmtree(job_dir / tag, ignore_errors=True)
+    converted = job_dir / UNIVERSAL  # a universal copy is needed until the job has saved a newer checkpoint
+    newest = complete[0] if complete else None
+    for copy in converted.iterdir() if converted.is_dir() else []:
+        if copy.name != newest:
+            shutil.rmtree(copy, ignore_errors=True)
 
 
 def remove_unfinished(job_dir: Path, newer_than: int) -> None:
