@@ -29,7 +29,9 @@ def job_status(run, block: int | None) -> dict:
         warnings.simplefilter("ignore")
         tag, saved_step, problem = checkpoint_status(run, block)
     step = last["train"]["step"] if "train" in last else 0
-    total = run.config.train.steps
+    starts = [e for e in events if e["event"] == "start"]
+    # the job's own target: a launch may override train.steps for this job only (--set train.steps=...)
+    total = starts[-1].get("steps", run.config.train.steps) if starts else run.config.train.steps
     if problem is not None:
         state = "checkpoint refused" if "refused:" in problem else "checkpoint damaged"
     elif not events:
@@ -40,7 +42,6 @@ def job_status(run, block: int | None) -> dict:
         state = "stopped"
     else:
         state = "running or crashed"
-    starts = [e for e in events if e["event"] == "start"]
     wall = None
     if starts and events:
         wall = round(sum((seg[-1]["time"] - seg[0]["time"]) for seg in _segments(events)), 1)

@@ -141,6 +141,9 @@ def test_checkpoint_from_another_run_is_refused(config_file, tmp_path):
     for r in (a, b):
         run([PY, "tools/prepare.py", "--config", str(config_file), "--run", str(r)])
     run([PY, "launchers/train_block.py", "--run", str(a), "--block", "0", "--set", "train.steps=3"])
+    p = run([PY, "tools/status.py", "--run", str(a), "--json"])
+    row = json.loads(p.stdout.splitlines()[0])  # the job's own target (3), not the run's (6)
+    assert (row["state"], row["step"], row["steps"], row["checkpoint_step"]) == ("done", 3, 3, 3)
     p = run([PY, "tools/merge_blocks.py", "--run", str(a)], expect=2)
     assert "block 0 is unfinished" in p.stderr and "step 3 of 6" in p.stderr and "--allow-unfinished" in p.stderr
     shutil.copytree(a / "blocks/0", b / "blocks/0")

@@ -176,7 +176,8 @@ def test_a_block_across_two_hosts_and_two_blocks_on_two_hosts(two_hosts, speeche
     assert table.count("done") == 2 and table.count("global_step200") == 2
     for b, addr in enumerate(h["addrs"]):
         log = (r / f"blocks/{b}/launch.log").read_text()
-        assert f"-w {addr} " in log and f'{addr}: {{"job": "block {b}"' in log  # block b ran on host b
+        # pdsh prefixes each line with the host it came from: block b's rank ran on host b
+        assert f"hosts {addr}, master port" in log and f"{addr}: [block {b}] step 200/200" in log
         assert (r / f"blocks/{b}/hostfile").read_text() == f"{addr} slots=1\n"
     spans = []
     for b in range(2):

@@ -410,6 +410,7 @@ class Trainer:
             start,
             job=self.job,
             world_size=self.world,
+            steps=t.steps,
             params=self.num_params,
             zero_stage=t.zero_stage,
             tokens_per_step=tokens_per_step,
