@@ -7,7 +7,6 @@ chain makes B block calls per token (one Euler step per block), each step with i
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
@@ -60,29 +59,79 @@ def generate_ids(
     progress: tqdm | None = None,
 ) -> list[int]:
     """Continue `prompt_ids` by up to max_new_tokens. Without the cache every step recomputes the whole
-    context (a reference for tests); with the same seed both give the same tokens."""
+    context (a reference for tests); with the same seed both give the same tokens, as does generate_batch."""
+    if use_cache:
+        return generate_batch(model, [prompt_ids], max_new_tokens, temperature, top_p, [seed], eos_id, 1, progress)[0]
     check_prompt_length(model, len(prompt_ids), max_new_tokens)
     device = next(model.parameters()).device
     sampler = torch.Generator(device="cpu").manual_seed(seed)
     ids = list(prompt_ids)
-    cache = model.new_cache()
     sampling = {"temperature": temperature, "top_p": top_p}  # the chain samples inside (its estimates)
-    logits = model.next_token_logits(cache, torch.tensor([ids], device=device), seed, **sampling)
     out: list[int] = []
     for _ in range(max_new_tokens):
+        logits = model.next_token_logits(model.new_cache(), torch.tensor([ids], device=device), seed, **sampling)
         tok = pick_token(logits.cpu(), temperature, top_p, sampler)
         out.append(tok)
         ids.append(tok)
         if progress is not None:
             progress.update(1)
-        if (eos_id is not None and tok == eos_id) or len(out) == max_new_tokens:
+        if eos_id is not None and tok == eos_id:
             break
-        if use_cache:
-            logits = model.next_token_logits(cache, torch.tensor([[tok]], device=device), seed, **sampling)
-        else:
-            cache = model.new_cache()
-            logits = model.next_token_logits(cache, torch.tensor([ids], device=device), seed, **sampling)
     return out
+
+
+@torch.no_grad()
+def generate_batch(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seeds: list[int] | None = None,
+    eos_id: int | None = None,
+    batch_size: int = 64,
+    progress: tqdm | None = None,
+) -> list[list[int]]:
+    """Continue every prompt by up to max_new_tokens, batch_size sequences per forward pass.
+
+    Sequence r uses seeds[r] (default: r) for its token draws and its chain's noise, exactly as generate_ids
+    with that seed would: the tokens do not depend on the batch a sequence runs in (tested). Prompts are
+    grouped by length (the batch shares one set of positions and KV caches without padding); a sequence that
+    reaches eos_id stops there (its row keeps running until its batch ends, its extra tokens are dropped).
+    Returns the new tokens of each prompt, in the order given."""
+    if batch_size < 1:
+        raise GenerationError(f"batch size must be >= 1, got {batch_size}.")
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise GenerationError(f"{len(seeds)} seeds for {len(prompts)} prompts.")
+    for prompt in prompts:
+        check_prompt_length(model, len(prompt), max_new_tokens)
+    device = next(model.parameters()).device
+    sampling = {"temperature": temperature, "top_p": top_p}  # the chain samples inside (its estimates)
+    by_length: dict[int, list[int]] = {}
+    for r, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(r)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for rows in by_length.values():
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i : i + batch_size]
+            samplers = [torch.Generator(device="cpu").manual_seed(seeds[r]) for r in batch]
+            batch_seeds = [seeds[r] for r in batch]
+            cache = model.new_cache()
+            new = torch.tensor([prompts[r] for r in batch], device=device)
+            running = list(range(len(batch)))
+            for step in range(max_new_tokens):
+                logits = model.next_token_logits(cache, new, batch_seeds, **sampling).cpu()
+                tokens = [pick_token(logits[j], temperature, top_p, samplers[j]) for j in range(len(batch))]
+                for j in running:
+                    outputs[batch[j]].append(tokens[j])
+                if progress is not None:
+                    progress.update(len(running))
+                running = [j for j in running if eos_id is None or tokens[j] != eos_id]
+                if not running or step == max_new_tokens - 1:
+                    break
+                new = torch.tensor([[t] for t in tokens], device=device)
+    return outputs
 
 
 @torch.no_grad()
@@ -174,19 +223,14 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return [tokenizer.eos_id, *tokenizer.encode(prompt)]
 
 
-def timed_generate(model, tokenizer, prompt: str, **kw) -> dict:
-    """Generate from text (see prompt_ids)."""
-    ids = prompt_ids(tokenizer, prompt)
-    t0 = time.time()
-    out = generate_ids(model, ids, eos_id=tokenizer.eos_id, **kw)
-    dt = time.time() - t0
-    completion_ids = out[:-1] if out and out[-1] == tokenizer.eos_id else out
-    # Decode prompt and completion together: sentencepiece drops the leading space of a lone first piece.
-    completion = tokenizer.decode(ids + completion_ids)[len(tokenizer.decode(ids)) :]
-    return {
-        "prompt": prompt,
-        "completion": completion,
-        "new_tokens": len(out),
-        "time_s": round(dt, 4),
-        "tokens_per_s": round(len(out) / dt, 2) if dt > 0 else None,
-    }
+def generate_texts(model, tokenizer, prompts: list[str], seed: int = 0, batch_size: int = 64, **kw) -> list[dict]:
+    """Generate from text prompts (see prompt_ids), batch_size at a time, every prompt with `seed`."""
+    ids = [prompt_ids(tokenizer, prompt) for prompt in prompts]
+    outs = generate_batch(model, ids, seeds=[seed] * len(ids), eos_id=tokenizer.eos_id, batch_size=batch_size, **kw)
+    results = []
+    for prompt, p_ids, out in zip(prompts, ids, outs, strict=True):
+        completion_ids = out[:-1] if out and out[-1] == tokenizer.eos_id else out
+        # Decode prompt and completion together: sentencepiece drops the leading space of a lone first piece.
+        completion = tokenizer.decode(p_ids + completion_ids)[len(tokenizer.decode(p_ids)) :]
+        results.append({"prompt": prompt, "completion": completion, "new_tokens": len(out)})
+    return results

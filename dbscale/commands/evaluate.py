@@ -38,6 +38,9 @@ def add_arguments(p) -> None:
         default=d.mauve_text,
         help="what MAUVE featurizes (default: the continuation alone)",
     )
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="sequences generated at once (same samples at any size)"
+    )
     p.add_argument("--estimate", choices=["mean", "argmax", "sample"], help="chains: override the sampler's estimate")
     p.add_argument("--step", choices=["euler", "ancestral"], help="chains: override the sampler's step")
     p.add_argument("--out", help="write the JSON here (default: stdout only)")
@@ -46,7 +49,7 @@ def add_arguments(p) -> None:
 def execute(args, p) -> int:
     from dbscale.eval.protocol import EvalSettings
 
-    for name in ("num_prompts", "samples_per_prompt", "prompt_tokens", "new_tokens"):
+    for name in ("num_prompts", "samples_per_prompt", "prompt_tokens", "new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.num_prompts * args.samples_per_prompt < 10:
@@ -64,6 +67,7 @@ def execute(args, p) -> int:
         seed=args.seed,
         featurizer=args.featurizer,
         mauve_text=args.mauve_text,
+        batch_size=args.batch_size,
     )
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error("--temperature must be >= 0 and --top-p in (0, 1]")

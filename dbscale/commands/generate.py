@@ -13,6 +13,7 @@ dbscale generate --model runs/mdm/merged --bpc runs/mdm --t-samples 8           
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from dbscale.errors import GenerationError
@@ -46,6 +47,9 @@ def add_arguments(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling and the chain's noise")
     p.add_argument(
+        "--batch-size", type=int, default=64, help="prompts generated at once (the tokens do not depend on it)"
+    )
+    p.add_argument(
         "--estimate",
         choices=["mean", "argmax", "sample"],
         help="DiffusionBlocks chain: the clean estimate each step hands on (default: diffusion.sample_estimate)",
@@ -77,6 +81,8 @@ def add_arguments(p) -> None:
 def execute(args, p) -> int:
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
     if not 0 < args.top_p <= 1:
         p.error("--top-p must be in (0, 1]")
     if args.temperature < 0:
@@ -85,7 +91,7 @@ def execute(args, p) -> int:
     from tqdm import tqdm
 
     from dbscale import families
-    from dbscale.generate import check_prompt_length, heldout_metrics, prompt_ids, timed_generate
+    from dbscale.generate import check_prompt_length, generate_texts, heldout_metrics, prompt_ids
     from dbscale.merge import load_merged
 
     model, tokenizer, manifest = load_merged(args.model, args.device)
@@ -119,24 +125,34 @@ def execute(args, p) -> int:
         file=sys.stderr,
         disable=None,
     )
-    for prompt in prompts:
-        result = timed_generate(
-            model,
-            tokenizer,
-            prompt,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            progress=bar,
-        )
+    t0 = time.time()
+    results = generate_texts(
+        model,
+        tokenizer,
+        prompts,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        progress=bar,
+    )
+    seconds = time.time() - t0
+    tokens = sum(r["new_tokens"] for r in results)
+    for result in results:
         result["model"] = label
         if args.format == "jsonl":
             print(json.dumps(result), flush=True)
         else:
             bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
-            header = f"--- [{label}] {result['new_tokens']} tokens, {result['tokens_per_s']} tok/s"
+            header = f"--- [{label}] {result['new_tokens']} tokens"
             bar.write(f"{header}\n{result['prompt']}{bold}{result['completion']}{plain}", file=sys.stdout)
+    if prompts:
+        print(
+            f"[generate] {len(prompts)} prompt(s), {tokens} tokens in {seconds:.2f} s "
+            f"({tokens / max(seconds, 1e-9):,.1f} tok/s, batch {min(args.batch_size, len(prompts))})",
+            file=sys.stderr,
+        )
     bar.close()
     if args.heldout:
         from dbscale.run import open_run

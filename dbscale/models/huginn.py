@@ -151,22 +151,28 @@ class HuginnLM(nn.Module):
     def new_cache(self) -> HuginnCache:
         return HuginnCache(self.inference_iterations)
 
-    def initial_state(self, seed: int, start: int, n: int) -> torch.Tensor:
-        """The initial state of positions start..start+n-1, each drawn from a generator seeded by (seed, position),
-        so cached and uncached generation start from the same states."""
+    def initial_state(self, seed, start: int, n: int) -> torch.Tensor:
+        """The initial state (R, n, d) of positions start..start+n-1 of R sequences (seed: an int, or a list of
+        R), each drawn from a generator seeded by (seed, position), so cached, uncached and batched generation
+        start from the same states."""
+        seeds = [seed] if isinstance(seed, int) else list(seed)
         rows = [
-            torch.randn(self.cfg.d_model, generator=torch.Generator().manual_seed(seed * 1_000_003 + p))
-            for p in range(start, start + n)
+            torch.stack(
+                [
+                    torch.randn(self.cfg.d_model, generator=torch.Generator().manual_seed(s * 1_000_003 + p))
+                    for p in range(start, start + n)
+                ]
+            )
+            for s in seeds
         ]
-        return torch.stack(rows)[None] * self.cfg.state_init_std
+        return torch.stack(rows) * self.cfg.state_init_std
 
     @torch.no_grad()
-    def next_token_logits(
-        self, cache: HuginnCache, new_tokens: torch.Tensor, seed: int = 0, **sampling
-    ) -> torch.Tensor:
-        start, n = len(cache), new_tokens.shape[1]
+    def next_token_logits(self, cache: HuginnCache, new_tokens: torch.Tensor, seed=0, **sampling) -> torch.Tensor:
+        """Append new_tokens (R, n) to the context of R sequences; logits (R, V). seed: an int or one per row."""
+        (R, n), start = new_tokens.shape, len(cache)
         positions = torch.arange(start, start + n, device=new_tokens.device)
-        state = self.initial_state(seed, start, n).to(new_tokens.device)
+        state = self.initial_state(seed, start, n).to(new_tokens.device).expand(R, n, -1)
         return self(new_tokens, positions, cache, state=state)[:, -1].float()
 
 

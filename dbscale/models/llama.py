@@ -92,9 +92,10 @@ class LlamaLM(nn.Module):
         return KVCache()
 
     @torch.no_grad()
-    def next_token_logits(self, cache: KVCache, new_tokens: torch.Tensor, seed: int = 0, **sampling) -> torch.Tensor:
-        """Append new_tokens (1, n) to the context; logits (1, V) for the token after them. (`sampling`: the
-        chain's temperature / top_p, which a plain LM applies to these logits instead.)"""
+    def next_token_logits(self, cache: KVCache, new_tokens: torch.Tensor, seed=0, **sampling) -> torch.Tensor:
+        """Append new_tokens (R, n) to the context of R sequences; logits (R, V) for the token after them.
+        (`seed` and `sampling`: the chain's draws, temperature and top_p; a plain LM draws nothing here and
+        applies temperature / top_p to these logits instead.)"""
         start = len(cache)
         positions = torch.arange(start, start + new_tokens.shape[1], device=new_tokens.device)
         return self(new_tokens, positions, cache)[:, -1].float()
@@ -324,6 +325,12 @@ class DiffusionBlocksLM(nn.Module):
         """The chain's starting state for one position, (1, 1, e)."""
         return self.position_draws(seed, position)[0].view(1, 1, -1)
 
+    def rows_draws(self, seeds: list[int], position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """position_draws of one position for R sequences, sequence r with seeds[r]: (R, 1, e), (R, 1, K),
+        (R, 1, K, e). A sequence draws the same numbers whatever batch it is generated in."""
+        draws = [self.position_draws(seed, position) for seed in seeds]
+        return tuple(torch.stack(x)[:, None] for x in zip(*draws, strict=True))
+
     def run_chain(self, call_block, z, u, noise, temperature: float, top_p: float, on_step=None) -> torch.Tensor:
         """The chain from z at sigma_max. call_block(step, block, z, sigma) -> logits; u (..., K) and noise
         (..., K, e) are the per-position draws; on_step(step, block, sigma, logits) sees every step.
@@ -341,25 +348,28 @@ class DiffusionBlocksLM(nn.Module):
 
     @torch.no_grad()
     def next_token_logits(
-        self, cache: list[KVCache], new_tokens: torch.Tensor, seed: int = 0, temperature: float = 0.0, top_p=1.0
+        self, cache: list[KVCache], new_tokens: torch.Tensor, seed=0, temperature: float = 0.0, top_p=1.0
     ) -> torch.Tensor:
-        """Append new_tokens (1, n) to every step's context; run the chain for the next position.
+        """Append new_tokens (R, n) to every step's context of R sequences; run the chain for the next position.
 
-        temperature / top_p shape the chain's sampled estimates (estimate 'sample'). Returns the last step's
-        logits (1, V)."""
+        seed: an int, or one per sequence (its chain's draws). temperature / top_p shape the chain's sampled
+        estimates (estimate 'sample'). Returns the last step's logits (R, V)."""
         dev = new_tokens.device
+        R, n = new_tokens.shape
         start = len(cache[0])
-        n = new_tokens.shape[1]
+        seeds = [seed] * R if isinstance(seed, int) else list(seed)
+        if len(seeds) != R:
+            raise ValueError(f"{len(seeds)} seeds for {R} sequences")
         clean_pos = torch.arange(start, start + n, device=dev)
         noisy_pos = torch.tensor([start + n], device=dev)
-        z0, u, noise = (x.to(dev) for x in self.position_draws(seed, start + n))
+        z0, u, noise = (x.to(dev) for x in self.rows_draws(seeds, start + n))
         context = self.context_inputs(cache, new_tokens, clean_pos)
 
         def call_block(step: int, block: int, z: torch.Tensor, sigma: float) -> torch.Tensor:
-            s = torch.full((1,), sigma, device=dev)
+            s = torch.full((R,), sigma, device=dev)
             return self.blocks[block](context[block], z, s, clean_pos, noisy_pos, cache[step])[1]
 
-        logits = self.run_chain(call_block, z0.view(1, 1, -1), u.view(1, 1, -1), noise[None, None], temperature, top_p)
+        logits = self.run_chain(call_block, z0, u, noise, temperature, top_p)
         return logits[:, -1]
 
     def window_draws(self, B: int, T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,77 @@
+"""Batched generation (dbscale.generate.generate_batch) is one-at-a-time generation, many sequences per pass:
+the same tokens for every family's model and every chain sampler, whatever the batch size and the mix of
+prompt lengths, with early stops at EOS."""
+
+import pytest
+import torch
+from test_huginn import huginn_cfg, randomise
+from test_models import CFG, V, randomize
+
+from dbscale.config import Config
+from dbscale.generate import generate_batch, generate_ids
+from dbscale.models.huginn import HuginnDiffusionLM, HuginnLM
+from dbscale.models.llama import DiffusionBlocksLM, LlamaLM, frozen_target_embedding
+
+PROMPTS = [[3, 14, 15], [9, 2, 6, 5, 3], [5, 8, 9], [7], [1, 2, 3, 4, 5], [2, 7, 1], [8, 2, 8, 1, 8]]
+
+
+def llama_chain(estimate: str, step: str) -> DiffusionBlocksLM:
+    cfg = Config(model=CFG)
+    cfg.diffusion.num_blocks = 2
+    cfg.diffusion.sample_estimate, cfg.diffusion.sample_step = estimate, step
+    model = DiffusionBlocksLM(cfg, V, frozen_target_embedding(V, CFG.embed_dim, 0))
+    for b, block in enumerate(model.blocks):
+        randomize(block, seed=b)
+    return model.eval()
+
+
+MODELS = {
+    "llama": lambda: randomize(LlamaLM(CFG, V)),
+    "chain mean/euler": lambda: llama_chain("mean", "euler"),
+    "chain sample/ancestral": lambda: llama_chain("sample", "ancestral"),
+    "huginn": lambda: randomise(HuginnLM(huginn_cfg().model, V)).eval(),
+    "huginn chain": lambda: randomise(HuginnDiffusionLM(huginn_cfg(), V, frozen_target_embedding(V, 32, 0))).eval(),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_batched_generation_equals_one_at_a_time(name, temperature):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    seeds = [11 * r + 3 for r in range(len(PROMPTS))]
+    kw = dict(max_new_tokens=9, temperature=temperature, top_p=0.9)
+    one = [generate_ids(model, p, seed=s, **kw) for p, s in zip(PROMPTS, seeds, strict=True)]
+    assert all(len(o) == 9 for o in one)
+    for batch_size in (2, 64):
+        assert generate_batch(model, PROMPTS, seeds=seeds, batch_size=batch_size, **kw) == one
+    # different seeds give different samples (the draws are per sequence, not shared by the batch); a random
+    # mean/euler chain's last step is one-hot, so its picks do not move with the seed
+    if temperature > 0 and name != "chain mean/euler":
+        other = generate_batch(model, PROMPTS, seeds=[s + 1 for s in seeds], batch_size=64, **kw)
+        assert other != one
+
+
+def test_a_sequence_stops_at_eos_and_the_others_go_on():
+    model = randomize(LlamaLM(CFG, V))
+    seeds = list(range(len(PROMPTS)))
+    full = generate_batch(model, PROMPTS, 9, temperature=1.0, seeds=seeds, batch_size=64)
+    eos = full[0][3]  # the 4th token of sequence 0 is declared the end of text
+    stopped = generate_batch(model, PROMPTS, 9, temperature=1.0, seeds=seeds, eos_id=eos, batch_size=64)
+    for f, s in zip(full, stopped, strict=True):
+        cut = f.index(eos) + 1 if eos in f else len(f)
+        assert s == f[:cut]
+    assert stopped[0] == full[0][: full[0].index(eos) + 1] and len(stopped[0]) <= 4
+    assert stopped == [generate_ids(model, p, 9, 1.0, seed=s, eos_id=eos) for p, s in zip(PROMPTS, seeds, strict=True)]
+
+
+def test_bad_batch_requests_are_refused():
+    from dbscale.errors import GenerationError
+
+    model = randomize(LlamaLM(CFG, V))
+    with pytest.raises(GenerationError, match="batch size must be >= 1"):
+        generate_batch(model, PROMPTS, 4, batch_size=0)
+    with pytest.raises(GenerationError, match="2 seeds for 7 prompts"):
+        generate_batch(model, PROMPTS, 4, seeds=[1, 2])
+    with pytest.raises(GenerationError, match="exceeds the context"):
+        generate_batch(model, [[1, 2], [1] * 20], 10)
