@@ -15,7 +15,8 @@ layer-token evaluations (forward 1, backward 2):
   baseline  T (P + E[r] C + D) + 2 T (P + k C + D)      (the early r - k iterations run forward only)
   core      3 T P + 3 (2T) (C + D)                      (the prelude reads T clean tokens; core and coda 2T)
 with P, C, D the prelude, core and coda layers and E[r] = mean_recurrence + 1; then MAUVE (MiniLM features),
-held-out CE and accuracy of both on the same prompts (tools/evaluate.py's protocol).
+held-out CE and accuracy of both on the same prompts (tools/evaluate.py's protocol), for each of --seeds (the
+cores and baselines of every seed in one evaluate call; the mean and half the range are printed).
 Writes bench/results/huginn_{quick,full,quality}.json.
 """
 
@@ -186,30 +187,69 @@ def quality(args) -> int:
     cost = layer_token_cost(cfg.model, cfg.model.seq_len)
     base_steps = args.baseline_steps
     core_steps = round(base_steps * cost["baseline"] / cost["core"])
-    run_dir = ROOT / args.run
-    sh(sys.executable, "tools/prepare.py", "--config", args.config, "--run", str(run_dir))
+    seeds = [int(x) for x in args.seeds.split(",")]
+    runs = [ROOT / (args.run if seed == 0 else f"{args.run}_s{seed}") for seed in seeds]
     wall = {}
 
     def steps_args(n):
         return ["--set", f"train.steps={n}", "--set", f"train.val_every={n}", "--set", f"train.save_every={n}"]
 
-    wall["baseline"] = sh(sys.executable, "launchers/train_e2e.py", "--run", str(run_dir), *steps_args(base_steps))
-    wall["core"] = sh(
-        sys.executable, "launchers/train_block.py", "--run", str(run_dir), "--block", "0", *steps_args(core_steps)
-    )
-    sh(sys.executable, "tools/merge_blocks.py", "--run", str(run_dir), "--allow-unfinished")
-    sh(sys.executable, "tools/merge_blocks.py", "--run", str(run_dir), "--e2e", "--allow-unfinished")
+    for seed, run_dir in zip(seeds, runs, strict=True):
+        sh(
+            sys.executable,
+            "tools/prepare.py",
+            "--config",
+            args.config,
+            "--run",
+            str(run_dir),
+            "--set",
+            f"train.seed={seed}",
+        )
+        wall[seed] = {
+            "baseline": sh(sys.executable, "launchers/train_e2e.py", "--run", str(run_dir), *steps_args(base_steps)),
+            "core": sh(
+                sys.executable,
+                "launchers/train_block.py",
+                "--run",
+                str(run_dir),
+                "--block",
+                "0",
+                *steps_args(core_steps),
+            ),
+        }
+        sh(sys.executable, "tools/merge_blocks.py", "--run", str(run_dir), "--allow-unfinished")
+        sh(sys.executable, "tools/merge_blocks.py", "--run", str(run_dir), "--e2e", "--allow-unfinished")
+    # one call: every core and every baseline on the same prompts, seeds and references; judge: seed 0's baseline
     settings = EvalSettings(num_prompts=args.num_prompts)
-    report = evaluate([str(run_dir / "merged"), str(run_dir / "e2e/merged")], run_dir, settings)
+    models = [str(r / "merged") for r in runs] + [str(r / "e2e/merged") for r in runs]
+    report = evaluate(models, runs[0], settings)
     print(format_table(report))
+    n = len(runs)
+    summary = {}
+    for name, results in (("core", report["results"][:n]), ("baseline", report["results"][n:])):
+        values = {
+            "mauve": [r["mauve"]["mauve"] for r in results],
+            "gen_ppl": [r["generative_perplexity"] for r in results],
+            "greedy_accuracy": [r["heldout"]["accuracy"] for r in results],
+            "sample_accuracy": [r["heldout"]["sample_accuracy"] for r in results],
+        }
+        summary[name] = {
+            k: {"mean": statistics.mean(v), "spread": (max(v) - min(v)) / 2, "values": v} for k, v in values.items()
+        }
+    print(f"\nHuginn, seeds {seeds}, {args.num_prompts * settings.samples_per_prompt} samples per model")
+    for k in summary["core"]:
+        c, b = summary["core"][k], summary["baseline"][k]
+        print(f"{k:16} core {c['mean']:.3f} +- {c['spread']:.3f}   baseline {b['mean']:.3f} +- {b['spread']:.3f}")
     payload = {
         "config": args.config,
+        "seeds": seeds,
         "baseline_steps": base_steps,
         "core_steps": core_steps,
         "layer_token_cost_per_sequence_step": cost,
         "total_compute": {"baseline": cost["baseline"] * base_steps, "core": cost["core"] * core_steps},
         "train_wall_s": wall,
         "mauve_note": "MAUVE (MiniLM features): not comparable to gpt2-large MAUVE",
+        "summary": summary,
         "evaluation": report,
     }
     path = write_results("huginn_quality.json", payload)
@@ -227,7 +267,8 @@ def main() -> int:
     p.add_argument("--config", default="configs/huginn_tiny.yaml")
     p.add_argument("--run", default="runs/bench_huginn")
     p.add_argument("--baseline-steps", type=int, default=300)
-    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--num-prompts", type=int, default=500)
+    p.add_argument("--seeds", default="0,1,2", help="--quality: training seeds (seed 0 in --run, seed s in --run_s<s>)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
