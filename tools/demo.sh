@@ -42,7 +42,7 @@ for model in "$RUN/merged" "$RUN/e2e/merged"; do
 done
 
 stage 6/7 "evaluate both on the same held-out prompts: MAUVE (MiniLM features), generative perplexity, held-out CE"
-dbscale evaluate --model "$RUN/merged" --compare "$RUN/e2e/merged" --data "$RUN" --num-prompts 32 \
+dbscale evaluate --model "$RUN/merged" --compare "$RUN/e2e/merged" --data "$RUN" --num-prompts 250 \
   --out "$RUN/report/eval.json" > /dev/null
 
 stage 7/7 "report and summary"
