@@ -3,6 +3,7 @@
     python bench/quality.py                                     # demo recipe, 3 seeds (about 30 minutes here)
     python bench/quality.py --name long --set train.steps=1600 --set train.warmup_steps=160
     python bench/quality.py --seeds 0 --num-prompts 32         # one quick look
+    python bench/quality.py --name long --set ... --sample-steps 8 --out ...   # the same chains, 2 steps per block
 
 For each seed s a run is prepared from --config with train.seed=s (same data, tokenizer and calibrated
 partition), every block and the baseline are trained through the real launchers for the same number of steps
@@ -73,6 +74,8 @@ def main() -> int:
     p.add_argument("--num-prompts", type=int, default=500)
     p.add_argument("--samples-per-prompt", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=50)
+    p.add_argument("--sample-steps", type=int, help="the chains' sampler steps per token (default: one per block)")
+    p.add_argument("--eval-seed", type=int, default=0, help="evaluate's --seed: which held-out prompts and draws")
     p.add_argument("--out", help="default: bench/results/quality_<name>.json")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -110,6 +113,9 @@ def main() -> int:
         str(args.samples_per_prompt),
         "--new-tokens",
         str(args.new_tokens),
+        "--seed",
+        str(args.eval_seed),
+        *(["--sample-steps", str(args.sample_steps)] if args.sample_steps else []),
         "--out",
         str(out),
     )
@@ -137,7 +143,12 @@ def main() -> int:
         "block_design": {
             k: getattr(cfg.model, k) for k in ("noisy_input", "readout", "readout_init", "adaln_gate_init")
         },
-        "sampler": {"estimate": cfg.diffusion.sample_estimate, "step": cfg.diffusion.sample_step},
+        "sampler": {
+            "estimate": cfg.diffusion.sample_estimate,
+            "step": cfg.diffusion.sample_step,
+            "steps": args.sample_steps or cfg.diffusion.sample_steps or cfg.diffusion.num_blocks,
+        },
+        "eval_seed": args.eval_seed,
         "loss_weighting": cfg.diffusion.loss_weighting,
         "train_wall_s_per_seed": train_s,
         "evaluate_wall_s": round(time.time() - t1, 1),

@@ -181,8 +181,10 @@ class DiffusionConfig:
     target_seed: int = _field(1234, "Seed of the frozen, L2-normalised target embedding shared by all blocks.")
     sample_steps: int | None = _field(
         None,
-        "Llama: Euler steps per generated token; null = B (one call per block, the paper's setting). Masked: "
-        "ancestral steps from all-mask to clean; null = model.seq_len.",
+        "Llama: Euler steps per generated token; null = B (one call per block, the paper's setting), but 4 for "
+        "B <= 2 (2 steps jump from sigma_max to sigma_min and sample greedily); more steps give a block several "
+        "calls per token at that many times the cost (`--sample-steps` of generate / evaluate overrides it on a "
+        "merged chain). Masked: ancestral steps from all-mask to clean; null = model.seq_len.",
     )
     sample_estimate: Literal["mean", "argmax", "sample"] = _field(
         "mean",

@@ -75,3 +75,31 @@ def test_bad_batch_requests_are_refused():
         generate_batch(model, PROMPTS, 4, seeds=[1, 2])
     with pytest.raises(GenerationError, match="exceeds the context"):
         generate_batch(model, [[1, 2], [1] * 20], 10)
+
+
+def test_more_sampler_steps_than_blocks():
+    """set_sample_steps(4) on B=2: two calls per block per token, each at a sigma inside its block's slice;
+    generation stays the same cached, uncached and batched; None restores the default chain exactly."""
+    model = llama_chain("mean", "euler")
+    default = (list(model.sigmas), list(model.step_blocks))
+    model.set_sample_steps(4)
+    assert model.step_blocks == [0, 0, 1, 1] and len(model.sigmas) == 4
+    d = model.cfg.diffusion
+    assert model.sigmas[0] == d.sigma_max and model.sigmas[-1] == d.sigma_min
+    assert all(a > b for a, b in zip(model.sigmas, model.sigmas[1:]))
+    for sigma, b in zip(model.sigmas, model.step_blocks, strict=True):
+        lo, hi = model.partition.intervals[b]
+        assert lo * (1 - 1e-9) <= sigma <= hi * (1 + 1e-9)
+    calls = []
+    hooks = [blk.register_forward_hook(lambda m, i, o, b=b: calls.append(b)) for b, blk in enumerate(model.blocks)]
+    seeds = [5 * r for r in range(len(PROMPTS))]
+    kw = dict(max_new_tokens=3, temperature=1.0, top_p=0.9)
+    one = [generate_ids(model, p, seed=s, use_cache=False, **kw) for p, s in zip(PROMPTS, seeds, strict=True)]
+    for h in hooks:
+        h.remove()
+    assert calls[:4] == [0, 0, 1, 1] and len(calls) == 4 * 3 * len(PROMPTS)
+    assert generate_batch(model, PROMPTS, seeds=seeds, batch_size=4, **kw) == one
+    with pytest.raises(ValueError, match="cannot visit all 2 blocks"):
+        model.set_sample_steps(1)
+    model.set_sample_steps(None)
+    assert (model.sigmas, model.step_blocks) == default

@@ -81,7 +81,10 @@ def trained_run(process_group, tmp_path_factory, speeches):
 def test_protocol_compares_two_models_on_the_same_prompts(trained_run):
     s = EvalSettings(num_prompts=6, samples_per_prompt=2, prompt_tokens=8, new_tokens=6, heldout_windows=4)
     report = evaluate(
-        [trained_run.root / "merged", trained_run.root / "e2e/merged"], trained_run.root, s, log=lambda *a: None
+        [trained_run.root / "merged", (trained_run.root / "e2e/merged", {"steps": 2})],
+        trained_run.root,
+        s,
+        log=lambda *a: None,
     )
     blocks, e2e = report["results"]
     assert (blocks["label"], e2e["label"]) == ("DiffusionBlocks", "end-to-end")
@@ -93,6 +96,10 @@ def test_protocol_compares_two_models_on_the_same_prompts(trained_run):
         assert r["generative_perplexity"] > 1 and r["heldout"]["tokens"] == 4 * 32
     assert report["settings"]["new_tokens"] == 6 and "dbscale end-to-end baseline" in report["judge"]
     assert "MAUVE (MiniLM features)" in format_table(report)
+    assert blocks["sampler"] == {"estimate": "mean", "step": "euler", "steps": 4}  # B=2: 4 steps by default
+    assert e2e["sampler"] is None
+    with pytest.raises(DbscaleError, match="1 sampler steps cannot visit all 2 blocks"):
+        evaluate([(trained_run.root / "merged", {"steps": 1})], trained_run.root, s, log=lambda *a: None)
     with pytest.raises(DbscaleError, match="exceed the context"):
         evaluate([trained_run.root / "merged"], trained_run.root, EvalSettings(prompt_tokens=30, new_tokens=10))
 

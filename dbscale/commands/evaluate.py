@@ -43,6 +43,9 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--estimate", choices=["mean", "argmax", "sample"], help="chains: override the sampler's estimate")
     p.add_argument("--step", choices=["euler", "ancestral"], help="chains: override the sampler's step")
+    p.add_argument(
+        "--sample-steps", type=int, help="chains: sampler steps per token (default: one per block; >= num_blocks)"
+    )
     p.add_argument("--out", help="write the JSON here (default: stdout only)")
 
 
@@ -71,14 +74,16 @@ def execute(args, p) -> int:
     )
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error("--temperature must be >= 0 and --top-p in (0, 1]")
-    sampler = {k: v for k, v in (("estimate", args.estimate), ("step", args.step)) if v}
+    if args.sample_steps is not None and args.sample_steps < 1:
+        p.error("--sample-steps must be >= 1 (and at least the chain's number of blocks)")
+    sampler = {k: v for k, v in (("estimate", args.estimate), ("step", args.step), ("steps", args.sample_steps)) if v}
     models = [(m, sampler) for m in [args.model, *args.compare]]
     report = evaluate(models, args.data, settings, judge=args.judge, log=lambda m: print(m, file=sys.stderr))
-    print(format_table(report), file=sys.stderr)
     text = json.dumps(report, indent=2)
-    if args.out:
+    if args.out:  # written before anything else is done with it: minutes of sampling are never lost
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
-    else:
+    print(format_table(report), file=sys.stderr)
+    if not args.out:
         print(text)
     return 0

@@ -59,6 +59,11 @@ def add_arguments(p) -> None:
         choices=["euler", "ancestral"],
         help="DiffusionBlocks chain: the sampler step (default: diffusion.sample_step)",
     )
+    p.add_argument(
+        "--sample-steps",
+        type=int,
+        help="DiffusionBlocks chain: sampler steps per token (default: diffusion.sample_steps, one per block)",
+    )
     p.add_argument("--format", choices=["text", "jsonl"], default="text", help="output format")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where the model runs")
     p.add_argument("--heldout", metavar="RUN", help="also report teacher-forced CE/accuracy on RUN's validation split")
@@ -95,12 +100,17 @@ def execute(args, p) -> int:
     from dbscale.merge import load_merged
 
     model, tokenizer, manifest = load_merged(args.model, args.device)
-    if args.estimate or args.step:
+    if args.estimate or args.step or args.sample_steps is not None:
         if manifest["kind"] != "blocks" or not hasattr(model, "estimate"):
             raise GenerationError(
-                f"--estimate and --step choose how a Gaussian chain samples; {args.model} is not one."
+                f"--estimate, --step and --sample-steps choose how a Gaussian chain samples; {args.model} is not one."
             )
         model.estimate, model.step = args.estimate or model.estimate, args.step or model.step
+        if args.sample_steps is not None:
+            try:
+                model.set_sample_steps(args.sample_steps)
+            except ValueError as e:
+                raise GenerationError(f"--sample-steps {args.sample_steps}: {e} ({args.model}).") from None
     label = "DiffusionBlocks" if manifest["kind"] == "blocks" else "end-to-end"
     family = families.get(manifest.get("family", "llama"))
     if family.generates == "sequence":

@@ -169,8 +169,13 @@ def steps_to_blocks(num_steps: int, num_blocks: int) -> list[int]:
 
 
 def default_num_steps(num_blocks: int, sample_steps: int | None) -> int:
-    """One Euler step per block (the paper's AR setting), at least 2."""
-    return sample_steps if sample_steps is not None else max(num_blocks, 2)
+    """One Euler step per block (the paper's AR setting), but 4 for B <= 2: with 2 steps the chain goes from
+    sigma_max to sigma_min in one step, so none of its starting noise survives and every sample is the same
+    greedy-like continuation (measured, B=2 at the 1600-step recipe: distinct 4-grams 0.04 and MAUVE 0.006 with
+    2 steps, 0.85 and 0.30 with 4; README, "Does the chain write as well as its baseline?")."""
+    if sample_steps is not None:
+        return sample_steps
+    return num_blocks if num_blocks >= 3 else 4
 
 
 def config_step_sigmas(d, num_steps: int | None = None) -> list[float]:

@@ -115,7 +115,8 @@ def evaluate(
     log=print,
 ) -> dict:
     """Evaluate one or more merged models with the same prompts, seeds and reference features. An entry may be
-    (dir, {"estimate": ..., "step": ...}) to evaluate a chain with another sampler than its config's."""
+    (dir, {"estimate": ..., "step": ..., "steps": ...}) to evaluate a chain with another sampler than its
+    config's (steps: sampler steps per token, see DiffusionBlocksLM.set_sample_steps)."""
     from dbscale.merge import load_merged
     from dbscale.run import open_run
 
@@ -156,7 +157,14 @@ def evaluate(
         if manifest["kind"] == "blocks":  # the chain's sampler: the model's config unless the spec overrides it
             model.estimate = sampler.get("estimate", model.estimate)
             model.step = sampler.get("step", model.step)
-            sampler = {"estimate": model.estimate, "step": model.step}
+            if sampler.get("steps") is not None:
+                try:
+                    model.set_sample_steps(sampler["steps"])
+                except ValueError as e:
+                    raise GenerationError(f"{model_dir}: {e}.") from None
+            sampler = {"estimate": model.estimate, "step": model.step, "steps": len(model.sigmas)}
+        else:
+            sampler = None  # a plain LM has no chain sampler: the spec's settings do not apply to it
         log(f"[evaluate] {label} ({model_dir}): sampling {len(prompts)} x {s.samples_per_prompt} continuations")
         t_gen = time.time()
         generated = sample_continuations(model, prompts, s, desc=f"sampling ({label})")
@@ -234,7 +242,7 @@ def format_table(report: dict) -> str:
     rows = report["results"]
     label = rows[0]["mauve"]["label"] if rows else "MAUVE"
     head = (
-        f"{'model':30} {label:>24} {'gen. ppl':>9} {'ref. ppl':>9} {'held-out CE':>11} {'greedy acc':>10} "
+        f"{'model':38} {label:>24} {'gen. ppl':>9} {'ref. ppl':>9} {'held-out CE':>11} {'greedy acc':>10} "
         f"{'sample acc':>10} {'distinct-4':>10}"
     )
     lines = [head, "-" * len(head)]
@@ -242,9 +250,9 @@ def format_table(report: dict) -> str:
         gp, rp, h = r.get("generative_perplexity"), r.get("reference_perplexity"), r["heldout"]
         ce = f"{h['ce']:.3f}" if h.get("ce") is not None else f"{h['first_step_ce']:.3f}*"
         sampler = r.get("sampler")
-        name = r["label"] + (f" ({sampler['estimate']}, {sampler['step']})" if sampler else "")
+        name = r["label"] + (f" ({sampler['estimate']}, {sampler['step']}, {sampler.get('steps')})" if sampler else "")
         lines.append(
-            f"{name:30} {r['mauve']['mauve']:24.3f} {'-' if gp is None else f'{gp:9.1f}':>9} "
+            f"{name:38} {r['mauve']['mauve']:24.3f} {'-' if gp is None else f'{gp:9.1f}':>9} "
             f"{'-' if rp is None else f'{rp:9.1f}':>9} {ce:>11} {h['accuracy']:10.3f} {h['sample_accuracy']:10.3f} "
             f"{r['distinct_4grams']:10.3f}"
         )

@@ -287,12 +287,21 @@ class DiffusionBlocksLM(nn.Module):
             self.make_block(cfg, vocab_size, n, target_embedding.float()) for n in cfg.layer_allocation()
         )
         self.register_buffer("target_embedding", target_embedding.float(), persistent=True)
-        partition = partition or Partition.from_config(d)
-        self.sigmas = step_sigmas(
-            self.default_steps(), d.partition, d.P_mean, d.P_std, d.sigma_min, d.sigma_max, list(partition.boundaries)
-        )
-        self.step_blocks = steps_to_blocks(len(self.sigmas), d.num_blocks)
+        self.partition = partition or Partition.from_config(d)
+        self.set_sample_steps(None)
         self.estimate, self.step = d.sample_estimate, d.sample_step
+
+    def set_sample_steps(self, num_steps: int | None) -> None:
+        """Sampler steps per token: equal steps of the partition's schedule, each served by the block whose
+        slice holds it (None: default_steps()). More steps than blocks give a block several calls per token,
+        at that many times the generation cost."""
+        d = self.cfg.diffusion
+        n = self.default_steps() if num_steps is None else num_steps
+        if n < d.num_blocks:
+            raise ValueError(f"{n} sampler steps cannot visit all {d.num_blocks} blocks; use at least {d.num_blocks}")
+        boundaries = list(self.partition.boundaries)
+        self.sigmas = step_sigmas(n, d.partition, d.P_mean, d.P_std, d.sigma_min, d.sigma_max, boundaries)
+        self.step_blocks = steps_to_blocks(n, d.num_blocks)
 
     @staticmethod
     def make_block(cfg: Config, vocab_size: int, n_layers: int, table: torch.Tensor) -> nn.Module:
@@ -335,12 +344,14 @@ class DiffusionBlocksLM(nn.Module):
         """The chain from z at sigma_max. call_block(step, block, z, sigma) -> logits; u (..., K) and noise
         (..., K, e) are the per-position draws; on_step(step, block, sigma, logits) sees every step.
         Returns the last step's logits."""
-        E = self.target_embedding
+        E, last = self.target_embedding, len(self.sigmas) - 1
 
         def denoise(step: int, block: int, z: torch.Tensor, sigma: float):
             logits = call_block(step, block, z, sigma)
             if on_step is not None:
                 on_step(step, block, sigma, logits)
+            if step == last:  # the chain ends with these logits: the last estimate would go unused
+                return None, logits
             return clean_estimate(logits, E, self.estimate, temperature, top_p, u[..., step]), logits
 
         logits, _ = sample_chain(denoise, z, self.sigmas, self.step_blocks, self.step, lambda k: noise[..., k, :])
