@@ -30,3 +30,20 @@ def test_state_bytes_after_an_adamw_step():
     s = state_bytes(model, opt)
     assert s["parameters"] == s["gradients"] == 4 * 33
     assert s["optimizer"] == 2 * 4 * 33 + 2 * 4  # two moments per parameter + one step counter per tensor
+
+
+def test_bench_results_record_how_to_produce_them(tmp_path, monkeypatch):
+    """Every bench JSON starts with the command that wrote it, and says on what machine."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_common", Path(__file__).parents[1] / "bench/common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bench/generate.py", "--quick", "--batch-sizes", "1,64"])
+    data = json.loads(common.write_results("x.json", {"rows": [1]}).read_text())
+    assert data["command"] == "python bench/generate.py --quick --batch-sizes 1,64"
+    assert list(data)[0] == "command" and data["rows"] == [1] and data["device_info"]["torch"] == torch.__version__
