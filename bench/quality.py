@@ -80,6 +80,7 @@ def main() -> int:
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
+    from dbscale.diffusion.partition import default_num_steps
     from dbscale.run import open_run
 
     runs, train_s = [], {}
@@ -146,7 +147,7 @@ def main() -> int:
         "sampler": {
             "estimate": cfg.diffusion.sample_estimate,
             "step": cfg.diffusion.sample_step,
-            "steps": args.sample_steps or cfg.diffusion.sample_steps or cfg.diffusion.num_blocks,
+            "steps": args.sample_steps or default_num_steps(cfg.diffusion.num_blocks, cfg.diffusion.sample_steps),
         },
         "eval_seed": args.eval_seed,
         "loss_weighting": cfg.diffusion.loss_weighting,
