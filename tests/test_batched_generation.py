@@ -99,7 +99,8 @@ def test_more_sampler_steps_than_blocks():
         h.remove()
     assert calls[:4] == [0, 0, 1, 1] and len(calls) == 4 * 3 * len(PROMPTS)
     assert generate_batch(model, PROMPTS, seeds=seeds, batch_size=4, **kw) == one
-    with pytest.raises(ValueError, match="cannot visit all 2 blocks"):
+    with pytest.raises(ValueError, match="1 sampler steps cannot visit all 2 blocks; use at least 2 steps"):
         model.set_sample_steps(1)
+    assert len(model.sigmas) == len(model.step_blocks) == 4  # a refused request leaves the chain as it was
     model.set_sample_steps(None)
     assert (model.sigmas, model.step_blocks) == default

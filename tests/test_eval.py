@@ -96,6 +96,7 @@ def test_protocol_compares_two_models_on_the_same_prompts(trained_run):
         assert r["generative_perplexity"] > 1 and r["heldout"]["tokens"] == 4 * 32
     assert report["settings"]["new_tokens"] == 6 and "dbscale end-to-end baseline" in report["judge"]
     assert "MAUVE (MiniLM features)" in format_table(report)
+    assert "DiffusionBlocks (mean, euler, 4 steps)" in format_table(report)
     assert blocks["sampler"] == {"estimate": "mean", "step": "euler", "steps": 4}  # B=2: 4 steps by default
     assert e2e["sampler"] is None
     with pytest.raises(DbscaleError, match="1 sampler steps cannot visit all 2 blocks"):

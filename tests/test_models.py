@@ -256,3 +256,25 @@ def test_initialisation_reproduces_earlier_runs(kind, weights_abs_sum, next_draw
     model = LlamaLM(cfg, 97) if kind == "e2e" else DenoiserBlock(paper, 97, 1, 0.5)
     assert sum(p.double().abs().sum().item() for p in model.parameters()) == pytest.approx(weights_abs_sum, rel=1e-12)
     assert torch.rand(1).item() == next_draw
+
+
+@pytest.mark.parametrize("design", [CFG, PAPER], ids=["dbscale", "paper"])
+@pytest.mark.parametrize("steps", [None, 5])
+def test_chain_equals_a_hand_written_euler_chain(steps, design):
+    """teacher_forced_logits against a second implementation of docs/METHOD.md 6 (mean estimate, Euler step),
+    written out step by step: the same final logits, so skipping the unused last estimate changes nothing."""
+    model = chain_model(2, design=design)
+    if steps is not None:
+        model.set_sample_steps(steps)
+    window = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(3))
+    context, E = window[:, :-1], model.target_embedding
+    z = model.window_draws(2, 6, seed=9)[0]
+    sigmas, blocks = model.sigmas, model.step_blocks
+    with torch.no_grad():
+        for k, (sigma, b) in enumerate(zip(sigmas, blocks, strict=True)):
+            logits = model.blocks[b](context, z, torch.full((2,), sigma))[1].float()
+            if k + 1 < len(sigmas):
+                denoised = logits.softmax(-1) @ E
+                z = z + (sigmas[k + 1] - sigma) * (z - denoised) / sigma
+    got = model.teacher_forced_logits(window, seed=9, temperature=0.0)
+    torch.testing.assert_close(got, logits)

@@ -161,7 +161,9 @@ def steps_to_blocks(num_steps: int, num_blocks: int) -> list[int]:
     (B=4, N=6: step 4 at u=0.2 would go to block 2, which owns [0.25, 0.5]).
     """
     if num_steps < num_blocks:
-        raise ValueError(f"{num_steps} steps cannot visit all {num_blocks} blocks")
+        raise ValueError(
+            f"{num_steps} sampler steps cannot visit all {num_blocks} blocks; use at least {num_blocks} steps"
+        )
     if num_steps < 2:
         return [0] * num_steps
     n = num_steps - 1

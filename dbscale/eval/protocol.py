@@ -250,7 +250,11 @@ def format_table(report: dict) -> str:
         gp, rp, h = r.get("generative_perplexity"), r.get("reference_perplexity"), r["heldout"]
         ce = f"{h['ce']:.3f}" if h.get("ce") is not None else f"{h['first_step_ce']:.3f}*"
         sampler = r.get("sampler")
-        name = r["label"] + (f" ({sampler['estimate']}, {sampler['step']}, {sampler.get('steps')})" if sampler else "")
+        if sampler:  # reports written before the step count was recorded have no 'steps'
+            steps = f", {sampler['steps']} steps" if sampler.get("steps") else ""
+            name = f"{r['label']} ({sampler['estimate']}, {sampler['step']}{steps})"
+        else:
+            name = r["label"]
         lines.append(
             f"{name:38} {r['mauve']['mauve']:24.3f} {'-' if gp is None else f'{gp:9.1f}':>9} "
             f"{'-' if rp is None else f'{rp:9.1f}':>9} {ce:>11} {h['accuracy']:10.3f} {h['sample_accuracy']:10.3f} "

@@ -297,11 +297,10 @@ class DiffusionBlocksLM(nn.Module):
         at that many times the generation cost."""
         d = self.cfg.diffusion
         n = self.default_steps() if num_steps is None else num_steps
-        if n < d.num_blocks:
-            raise ValueError(f"{n} sampler steps cannot visit all {d.num_blocks} blocks; use at least {d.num_blocks}")
+        step_blocks = steps_to_blocks(n, d.num_blocks)  # refuses fewer steps than blocks; nothing is changed then
         boundaries = list(self.partition.boundaries)
         self.sigmas = step_sigmas(n, d.partition, d.P_mean, d.P_std, d.sigma_min, d.sigma_max, boundaries)
-        self.step_blocks = steps_to_blocks(n, d.num_blocks)
+        self.step_blocks = step_blocks
 
     @staticmethod
     def make_block(cfg: Config, vocab_size: int, n_layers: int, table: torch.Tensor) -> nn.Module:
