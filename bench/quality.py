@@ -135,6 +135,7 @@ def main() -> int:
         summary["ratios"]["gen_ppl_e2e_other_seeds"] = others
         summary["ratios"]["gen_ppl_chain_over_e2e_other_seeds"] = c["gen_ppl"]["mean"] / others
     report["bench"] = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "config": args.config,
         "overrides": args.set,
         "seeds": seeds,
@@ -151,6 +152,7 @@ def main() -> int:
         },
         "eval_seed": args.eval_seed,
         "loss_weighting": cfg.diffusion.loss_weighting,
+        "prior_loss": cfg.diffusion.prior_loss,
         "train_wall_s_per_seed": train_s,
         "evaluate_wall_s": round(time.time() - t1, 1),
         "total_wall_s": round(time.time() - t0, 1),

@@ -162,6 +162,15 @@ class DiffusionConfig:
         "Per-sample loss weight: 'none' (plain cross-entropy: every sample is one classification; dbscale) or "
         "'edm' = (s^2+sd^2)/(s*sd)^2 (the paper's, EDM's weight for an L2 loss).",
     )
+    prior_loss: float = _field(
+        1.0,
+        "AR denoiser blocks with the posterior readout: weight of a second cross-entropy on the prior logits alone "
+        "(head(norm(F)), the block's context-only prediction, before the Gaussian evidence of z is added). Where "
+        "sigma is small the evidence decides the posterior and the prior gets almost no gradient, so a low-noise "
+        "block's prior, which the chain falls back on whenever the token is not yet identifiable, stays weak; this "
+        "term trains it at every sigma. 0 = the posterior CE alone (runs prepared before the field existed keep "
+        "0). Ignored by the 'edm' readout, which has no separate prior.",
+    )
     mask_schedule: Literal["linear", "loglinear", "cosine"] = _field(
         "linear",
         "Masked family: alpha(t) = P(token unmasked at t): 'linear' 1-t (MD4), 'loglinear' 1-(1-eps)t (MDLM), "
@@ -386,6 +395,25 @@ def _section_from_dict(cls: type, data: Any, where: str, section: str) -> Any:
     return cls(**kwargs)
 
 
+# Fields added after runs were prepared without them, with the value that keeps such a run's behaviour (a new
+# default may differ): (section, key) -> value. frozen_config_from_dict applies them to a run's own records.
+ADDED_FIELDS: dict[tuple[str, str], Any] = {
+    ("diffusion", "prior_loss"): 0.0,  # runs before the prior term trained the posterior CE alone
+}
+
+
+def frozen_config_from_dict(data: Any, where: str = "<run config>") -> Config:
+    """config_from_dict for a config a run recorded (config.yaml, the manifest, a merged model): a field the
+    record lacks because it was written before the field existed takes ADDED_FIELDS' value, not the default,
+    so an old run resumes, prepares and merges exactly as it was trained."""
+    if isinstance(data, dict):
+        data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+        for (section, key), value in ADDED_FIELDS.items():
+            if isinstance(data.get(section), dict) and key not in data[section]:
+                data[section][key] = value
+    return config_from_dict(data, where)
+
+
 def config_from_dict(data: Any, where: str = "<config>") -> Config:
     """Build and validate a Config from a plain dict (as read from YAML)."""
     if data is None:
@@ -558,6 +586,8 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         fail("diffusion.P_std", "P_std and sigma_data must be positive.")
     if not 0 <= d.gamma < 1:
         fail("diffusion.gamma", f"must be in [0, 1), got {d.gamma}.")
+    if d.prior_loss < 0:
+        fail("diffusion.prior_loss", f"must be >= 0 (0 = no prior term), got {d.prior_loss}.")
     if d.sample_steps is not None and d.sample_steps < d.num_blocks:
         fail(
             "diffusion.sample_steps",

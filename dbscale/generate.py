@@ -196,12 +196,18 @@ def heldout_metrics(
 def chain_diagnostics(model, windows: np.ndarray, seed: int = 0) -> list[dict]:
     """Per sampler step of a DiffusionBlocks chain run greedily: cross-entropy and accuracy of that step's
     logits when the block is fed the chain's own state, next to the same block fed a correctly noised target
-    (y + sigma * eps). A gap shows where the chain's state leaves the distribution a block was trained on."""
+    (y + sigma * eps). A gap shows where the chain's state leaves the distribution a block was trained on.
+    With dbscale's posterior readout, `prior_ce` / `prior_accuracy` score the block's prior alone (its logits
+    without the Gaussian evidence <z, E_v> / sigma^2): what the block predicts from the context at that sigma."""
+    from dbscale import families
+
     device = next(model.parameters()).device
     w = torch.from_numpy(windows).to(device)
     context, targets = w[:, :-1], w[:, 1:]
     E = model.target_embedding
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    m = model.cfg.model
+    posterior = families.get(m.family).denoiser_blocks and m.readout == "posterior"
     rows = []
 
     def record(step, block, sigma, logits):
@@ -209,7 +215,10 @@ def chain_diagnostics(model, windows: np.ndarray, seed: int = 0) -> list[dict]:
         oracle_z = E[targets] + sigma * torch.randn(*targets.shape, E.shape[1], generator=g).to(device)
         _, oracle = model.blocks[block](context, oracle_z, s)
         row = {"step": step, "block": block, "sigma": sigma}
-        for name, lg in (("chain", logits.float()), ("noised_target", oracle.float())):
+        scored = [("chain", logits.float()), ("noised_target", oracle.float())]
+        if posterior:
+            scored.append(("prior", model.blocks[block](context, oracle_z, s, with_evidence=False)[1].float()))
+        for name, lg in scored:
             row[f"{name}_ce"] = F.cross_entropy(lg.transpose(1, 2), targets).item()
             row[f"{name}_accuracy"] = (lg.argmax(-1) == targets).float().mean().item()
         rows.append(row)

@@ -128,7 +128,7 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu", family: st
     from safetensors.torch import load_file
 
     from dbscale import families
-    from dbscale.config import config_from_dict
+    from dbscale.config import frozen_config_from_dict
     from dbscale.data.tokenizer import load_tokenizer
 
     path = Path(path)
@@ -153,7 +153,7 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu", family: st
             f"{path}: a merged '{got}' model, but a '{family}' model is needed here (its sampler and weights differ). "
             f"Fix: use this model with the {got} family's tools, or pass a {family} model."
         )
-    cfg = config_from_dict(manifest["config"], where=str(manifest_path))
+    cfg = frozen_config_from_dict(manifest["config"], where=str(manifest_path))
     model, state = families.get(got).build_merged(cfg, manifest["vocab_size"], manifest, load_file(str(model_path)))
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

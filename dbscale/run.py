@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from dbscale import __version__
-from dbscale.config import Config, config_from_dict
+from dbscale.config import Config, config_from_dict, frozen_config_from_dict
 from dbscale.errors import DataError, RunError
 from dbscale.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, sha256_file
 
@@ -166,9 +166,11 @@ _CALIBRATION_ONLY = ("diffusion.calibration_steps",)
 
 def prepared_config_diff(prepared: dict, cfg: Config, run: Run) -> list[str]:
     """How `cfg` differs from the config a run was prepared from, both resolved by this dbscale: a field added
-    since (absent from the run's record) takes its default and is no difference, so a run prepared by an earlier
-    version can be prepared (resumed) again."""
-    resolved = config_from_dict(json.loads(json.dumps(prepared)), where=f"{run.root / MANIFEST} (prepared config)")
+    since (absent from the run's record) takes the value that keeps the run's behaviour (config.ADDED_FIELDS, else
+    its default), so a run prepared by an earlier version can be prepared (resumed) again with a config that
+    says the same."""
+    where = f"{run.root / MANIFEST} (prepared config)"
+    resolved = frozen_config_from_dict(json.loads(json.dumps(prepared)), where=where)
     diff = config_diff(resolved.to_dict(), cfg.to_dict())
     if not run.manifest["partition"].get("pending"):
         diff = [d for d in diff if not d.startswith(_CALIBRATION_ONLY)]
@@ -224,7 +226,7 @@ def set_partition(run: Run, changes: dict, calibration: dict) -> Run:
     data["diffusion"].update(changes)
     if data["diffusion"].get("partition") != "calibrated":
         data["diffusion"]["boundaries"] = None
-    cfg = config_from_dict(data, where=f"{run.root / CONFIG} (calibrated)")
+    cfg = frozen_config_from_dict(data, where=f"{run.root / CONFIG} (calibrated)")
     record = dict(calibration, applied=changes)
     atomic_write_json(run.root / CALIBRATION, record)
     atomic_write_text(run.root / CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -258,7 +260,7 @@ def open_run(root: str | Path, verify: bool = True) -> Run:
     cfg_path = root / CONFIG
     if not cfg_path.is_file():
         raise RunError(f"{cfg_path}: missing. Fix: re-create the run with tools/prepare.py.")
-    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()), where=str(cfg_path))
+    cfg = frozen_config_from_dict(yaml.safe_load(cfg_path.read_text()), where=str(cfg_path))
     run = Run(root, cfg, manifest)
     if verify:
         run.verify()

@@ -46,6 +46,81 @@ def test_posterior_readout_loss_matches_its_logits_and_chunks():
         torch.testing.assert_close(per_seq, ce.mean(1), rtol=1e-5, atol=1e-5)
 
 
+def test_prior_loss_is_the_ce_of_the_logits_less_the_evidence():
+    """diffusion.prior_loss: the prior term is the CE of the block's logits with the Gaussian evidence
+    <z, E_v> / sigma^2 subtracted (its context-only prediction), computed here from the logits by hand; the
+    posterior part and the per-sequence CE are unchanged; chunked == unchunked, gradients included."""
+    block = randomize(DenoiserBlock(DBSCALE, V, 2, 0.5, E)).train()
+    window = torch.randint(0, V, (3, 9))
+    sigma, noise = torch.tensor([0.05, 0.4, 9.0]), torch.randn(3, 8, CFG.embed_dim)
+    targets = window[:, 1:]
+    z = E[targets] + sigma.view(-1, 1, 1) * noise
+    _, logits = block(window[:, :-1], z, sigma)
+    prior_logits = logits - (z / sigma.view(-1, 1, 1) ** 2) @ E.T
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    prior_ce = torch.nn.functional.cross_entropy(prior_logits.transpose(1, 2), targets, reduction="none")
+    assert (prior_ce.mean() - ce.mean()).abs() > 0.1  # the two terms differ: the test can tell them apart
+    grads = []
+    for chunk in (0, 5):
+        _, both = block(window[:, :-1], z, sigma, targets=targets, ce_chunk=chunk, prior_ce=True)
+        assert both.shape == (3, 8, 2)
+        torch.testing.assert_close(both[..., 0], ce, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(both[..., 1], prior_ce, rtol=1e-5, atol=1e-5)
+        block.zero_grad()
+        loss, per_seq = denoiser_loss(block, window, E, sigma, noise, "none", 0.5, chunk, prior_weight=0.7)
+        torch.testing.assert_close(loss, ce.mean() + 0.7 * prior_ce.mean(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(per_seq, ce.mean(1), rtol=1e-5, atol=1e-5)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in block.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    weighted, _ = denoiser_loss(block, window, E, sigma, noise, "edm", 0.5, 0, prior_weight=0.7)
+    w = (sigma**2 + 0.25) / (sigma * 0.5) ** 2  # EDM's weight applies to the posterior term only
+    torch.testing.assert_close(weighted, (w * ce.mean(1)).mean() + 0.7 * prior_ce.mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_prior_ce_is_refused_where_there_is_no_prior():
+    block = DenoiserBlock(PAPER, V, 1, 0.5, E)
+    window, sigma = torch.randint(0, V, (1, 5)), torch.tensor([1.0])
+    with pytest.raises(ValueError, match="'edm' readout has no separate prior"):
+        block(window[:, :-1], torch.randn(1, 4, CFG.embed_dim), sigma, targets=window[:, 1:], prior_ce=True)
+    with pytest.raises(ConfigError, match=r"diffusion.prior_loss: must be >= 0"):
+        config_from_dict({"diffusion": {"prior_loss": -1}})
+
+
+def test_the_family_loss_adds_the_prior_term_only_to_posterior_blocks(tiny_cfg, tmp_path):
+    """GaussianFamily.loss: the llama family's block with the posterior readout gets diffusion.prior_loss, the
+    'edm' readout none, and prior_loss 0 gives the posterior CE alone."""
+    from dbscale import families
+    from dbscale.families.base import StepInfo
+    from dbscale.run import prepare_run
+
+    run = prepare_run(tiny_cfg(), tmp_path / "run", log=lambda *a: None)
+    family = families.get("llama")
+    window = torch.randint(0, run.vocab_size, (2, run.config.model.seq_len + 1))
+    losses = {}
+    for readout, prior in (("posterior", 0.0), ("posterior", 1.0), ("posterior", 2.0), ("edm", 1.0)):
+        cfg = dataclasses.replace(
+            run.config,
+            model=dataclasses.replace(run.config.model, readout=readout),
+            diffusion=dataclasses.replace(run.config.diffusion, prior_loss=prior),
+        )
+        job = family.job(run, 0)
+        job.cfg = cfg
+        torch.manual_seed(0)
+        model = family.build(job)
+        draw = family.draw(job, window, noise_seed=3)
+        loss, _ = family.loss(job, model, window, draw, StepInfo(0, 0, 0))
+        losses[readout, prior] = loss.item()
+        if readout == "edm":  # no prior term: exactly the posterior-only objective of that block
+            d = cfg.diffusion
+            table = run.load_target_embedding()
+            alone, _ = denoiser_loss(model, window, table, *draw, d.loss_weighting, d.sigma_data, 0, prior_weight=0.0)
+            assert loss.item() == pytest.approx(alone.item(), rel=1e-6)
+    gap = losses["posterior", 1.0] - losses["posterior", 0.0]
+    assert gap > 0.5  # the prior CE of a fresh block is about ln V
+    assert losses["posterior", 2.0] - losses["posterior", 0.0] == pytest.approx(2 * gap, rel=1e-4)
+
+
 @pytest.mark.parametrize("noisy_input", ["token+z", "token"])
 def test_token_on_the_noisy_stream_keeps_causality(noisy_input):
     """The noisy position predicting x_i reads x_{i-1}'s embedding: it must depend on x_0..x_{i-1}, on each of

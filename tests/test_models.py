@@ -196,6 +196,16 @@ def test_chain_diagnostics_follow_the_chain():
     first = model.blocks[0](torch.from_numpy(windows)[:, :-1], model.window_draws(3, 8, 5)[0], torch.full((3,), 80.0))
     first_ce = torch.nn.functional.cross_entropy(first[1].transpose(1, 2), targets).item()
     assert metrics["first_step_ce"] == pytest.approx(first_ce, rel=1e-4)
+    assert "prior_ce" not in rows[0]  # the paper's (edm) readout has no separate prior
+    # dbscale's posterior readout: the block fed z = 0 gets no evidence, so its logits are its prior alone
+    model = chain_model(2, design=CFG)
+    rows = chain_diagnostics(model, windows, seed=5)
+    for row in rows:
+        s = torch.full((3,), row["sigma"])
+        _, prior = model.blocks[row["block"]](torch.from_numpy(windows)[:, :-1], torch.zeros(3, 8, CFG.embed_dim), s)
+        prior_ce = torch.nn.functional.cross_entropy(prior.transpose(1, 2), targets).item()
+        assert row["prior_ce"] == pytest.approx(prior_ce, rel=1e-4)
+        assert row["prior_accuracy"] == pytest.approx((prior.argmax(-1) == targets).float().mean().item())
 
 
 def saved_activation_bytes(fn) -> int:

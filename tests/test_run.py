@@ -101,3 +101,29 @@ def test_encoding_survives_progress_redraws():
 
     docs = [f"doc {i}" * (i + 1) for i in range(600)]
     assert list(_encoded(Tok(), docs, RedrawingBar())) == [[len(d)] for d in docs]
+
+
+def test_a_run_prepared_before_a_field_existed_keeps_its_behaviour(prepared, tiny_cfg):
+    """A run whose config.yaml predates diffusion.prior_loss (an earlier dbscale wrote no such key) opens with
+    the value that run trained with (0: no prior term, config.ADDED_FIELDS), not the new default; preparing it
+    again with today's default names the difference and changes nothing."""
+    from dbscale.config import ADDED_FIELDS
+    from dbscale.files import atomic_write_json, sha256_file
+
+    cfg, run = prepared
+    assert cfg.diffusion.prior_loss == 1.0 and ADDED_FIELDS[("diffusion", "prior_loss")] == 0.0
+    data = yaml.safe_load((run.root / CONFIG).read_text())
+    del data["diffusion"]["prior_loss"]
+    (run.root / CONFIG).write_text(yaml.safe_dump(data, sort_keys=False))
+    manifest = json.loads((run.root / MANIFEST).read_text())
+    manifest["config_sha256"] = sha256_file(run.root / CONFIG)
+    atomic_write_json(run.root / MANIFEST, manifest)
+    old = open_run(run.root)
+    assert old.config.diffusion.prior_loss == 0.0
+    assert old.config.model == cfg.model and old.config.train == cfg.train
+    before = (run.root / MANIFEST).read_bytes()
+    with pytest.raises(RunError, match=r"diffusion.prior_loss: 0.0 -> 1.0"):
+        prepare_run(cfg, run.root, log=lambda *a: None)
+    assert (run.root / MANIFEST).read_bytes() == before
+    same = tiny_cfg(diffusion={"prior_loss": 0.0})
+    assert prepare_run(same, run.root, log=lambda *a: None).run_id == run.run_id

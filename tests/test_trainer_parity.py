@@ -64,7 +64,8 @@ def test_deepspeed_trainer_matches_plain_torch(process_group, tiny_cfg, tmp_path
         else:
             weighting = cfg.diffusion.loss_weighting
             sigma, noise = draw
-            loss, _ = denoiser_loss(model, window, table, sigma, noise, weighting, cfg.diffusion.sigma_data)
+            d = cfg.diffusion
+            loss, _ = denoiser_loss(model, window, table, sigma, noise, weighting, d.sigma_data, 0, d.prior_loss)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

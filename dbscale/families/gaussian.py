@@ -20,6 +20,10 @@ from dbscale.families.base import Family, Job, StepInfo
 class GaussianFamily(Family):
     space = "sigma"
     target_table = True
+    # Whether the blocks are dbscale's DenoiserBlock (or wrap it): then the model.readout decides whether they
+    # have a separate prior that diffusion.prior_loss trains, and denoiser_loss asks them for its CE. A family
+    # with blocks of its own keeps False (no prior term; its blocks' forward need not know `prior_ce`).
+    denoiser_blocks = False
 
     def validate(self, cfg, fail) -> None:
         d = cfg.diffusion
@@ -66,7 +70,7 @@ class GaussianFamily(Family):
         return sigma.float().to(window.device), noise
 
     def loss(self, job: Job, model, window: torch.Tensor, draw: tuple, step: StepInfo) -> tuple:
-        from dbscale.models.llama import denoiser_loss, lm_loss
+        from dbscale.models.llama import block_has_prior, denoiser_loss, lm_loss
 
         ce_chunk = job.cfg.train.ce_chunk
         if not job.is_block:
@@ -77,7 +81,8 @@ class GaussianFamily(Family):
         table = job.extras["table"]
         if table.device != window.device:
             table = job.extras["table"] = table.to(window.device)
-        return denoiser_loss(model, window, table, sigma, noise, d.loss_weighting, d.sigma_data, ce_chunk)
+        prior = d.prior_loss if self.denoiser_blocks and block_has_prior(job.cfg.model) else 0.0
+        return denoiser_loss(model, window, table, sigma, noise, d.loss_weighting, d.sigma_data, ce_chunk, prior)
 
     def partition_figure(self, run, path, plt) -> None:
         d = run.config.diffusion

@@ -12,6 +12,7 @@ from dbscale.families.gaussian import GaussianFamily
 
 class HuginnFamily(GaussianFamily):
     name = "huginn"
+    denoiser_blocks = True
 
     def validate(self, cfg, fail) -> None:
         super().validate(cfg, fail)

@@ -11,6 +11,7 @@ from dbscale.families.gaussian import GaussianFamily
 
 class LlamaFamily(GaussianFamily):
     name = "llama"
+    denoiser_blocks = True
     calibratable = True
 
     def validate(self, cfg, fail) -> None:

@@ -207,12 +207,24 @@ class HuginnDenoiser(nn.Module):
         return causal_stack(self.prelude, self.cfg, x, positions, cache, self.activation_checkpointing)
 
     def forward(
-        self, clean, z, sigma, clean_pos=None, noisy_pos=None, cache=None, targets=None, ce_chunk: int = 0
+        self,
+        clean,
+        z,
+        sigma,
+        clean_pos=None,
+        noisy_pos=None,
+        cache=None,
+        targets=None,
+        ce_chunk: int = 0,
+        prior_ce: bool = False,
+        with_evidence: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As DenoiserBlock.forward; `clean` is token ids (the prelude runs) or the prelude's features."""
         self.denoiser.activation_checkpointing = self.activation_checkpointing
         features = clean if clean.is_floating_point() else self.context_features(clean, clean_pos)
-        return self.denoiser(features, z, sigma, clean_pos, noisy_pos, cache, targets, ce_chunk)
+        return self.denoiser(
+            features, z, sigma, clean_pos, noisy_pos, cache, targets, ce_chunk, prior_ce, with_evidence
+        )
 
 
 class _StepCaches(list):

@@ -226,7 +226,9 @@ class Head(nn.Module):
     scalar scale is trained (zero-initialised, so a fresh block predicts uniformly, like a zero head).
     `evidence` = (u, E) adds u @ E^T to the logits (the posterior readout's Gaussian log-likelihood, u = z/sigma^2),
     in fp32 and chunk by chunk like the logits themselves.
-    With `targets`, returns CE per token; `chunk` > 0 builds the logits of `chunk` tokens at a time under
+    With `targets`, returns CE per token; with `prior_ce` as well (only with `evidence`), a trailing axis of 2:
+    [..., 0] the CE of the full logits, [..., 1] the CE of the logits without the evidence (the prior alone).
+    `chunk` > 0 builds the logits of `chunk` tokens at a time under
     activation checkpointing, so neither forward nor backward ever holds more than one chunk of logits.
     The loss is computed inside this module's forward, so ZeRO-3 has gathered the weight when it is used.
     """
@@ -254,9 +256,14 @@ class Head(nn.Module):
         u = at_least_fp32(u)  # the evidence reaches 1/sigma_min^2: never in half precision
         return at_least_fp32(out) + F.linear(u, E.to(u.dtype))
 
-    def _chunk_ce(self, h, targets, table, u=None, E=None) -> torch.Tensor:
-        logits = self.logits(h, table, None if u is None else (u, E))
-        return F.cross_entropy(at_least_fp32(logits), targets, reduction="none")
+    def _chunk_ce(self, h, targets, table, u=None, E=None, prior_ce: bool = False) -> torch.Tensor:
+        if not prior_ce:
+            logits = self.logits(h, table, None if u is None else (u, E))
+            return F.cross_entropy(at_least_fp32(logits), targets, reduction="none")
+        prior = at_least_fp32(self.logits(h, table))
+        posterior = prior + F.linear(at_least_fp32(u), E.to(at_least_fp32(u).dtype))
+        ce = [F.cross_entropy(x, targets, reduction="none") for x in (posterior, prior)]
+        return torch.stack(ce, dim=-1)
 
     def forward(
         self,
@@ -265,13 +272,16 @@ class Head(nn.Module):
         chunk: int = 0,
         table: torch.Tensor | None = None,
         evidence: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prior_ce: bool = False,
     ) -> torch.Tensor:
+        if prior_ce and (targets is None or evidence is None):
+            raise ValueError("prior_ce needs targets and evidence (the prior is the logits without the evidence)")
         if targets is None:
             return self.logits(h, table, evidence)
         flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         u, E = (None, None) if evidence is None else (evidence[0].reshape(-1, evidence[0].shape[-1]), evidence[1])
         if chunk <= 0 or chunk >= flat_t.numel() or not torch.is_grad_enabled():
-            ce = self._chunk_ce(flat_h, flat_t, table, u, E)
+            ce = self._chunk_ce(flat_h, flat_t, table, u, E, prior_ce)
         else:
             ce = torch.cat(
                 [
@@ -282,12 +292,13 @@ class Head(nn.Module):
                         table,
                         None if u is None else u[i : i + chunk],
                         E,
+                        prior_ce,
                         use_reentrant=False,
                     )
                     for i in range(0, flat_t.numel(), chunk)
                 ]
             )
-        return ce.view(targets.shape)
+        return ce.view(*targets.shape, 2) if prior_ce else ce.view(targets.shape)
 
 
 def run_layers(

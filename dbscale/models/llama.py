@@ -106,6 +106,12 @@ def block_reads_table(cfg: ModelConfig) -> bool:
     return "target" in (cfg.head, cfg.context_embedding) or cfg.readout == "posterior"
 
 
+def block_has_prior(cfg: ModelConfig) -> bool:
+    """Whether a denoiser block's logits split into a context-only prior plus the evidence of z (the posterior
+    readout), so that diffusion.prior_loss can train the prior on its own."""
+    return cfg.readout == "posterior"
+
+
 class DenoiserBlock(nn.Module):
     """One DiffusionBlocks block of the AR family: `n_layers` AdaLN layers plus its own context embedding,
     time embedder, input projection, readout, final norm and head. Knows nothing about other blocks.
@@ -182,9 +188,13 @@ class DenoiserBlock(nn.Module):
         cache: KVCache | None = None,
         targets: torch.Tensor | None = None,
         ce_chunk: int = 0,
+        prior_ce: bool = False,
+        with_evidence: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """clean_tokens: (B, Tc) ids (or (B, Tc, d) features with context_features), z: (B, Tn, e) noisy
-        targets, sigma: (B,).
+        targets, sigma: (B,). prior_ce (posterior readout, with targets): the CE comes as (B, Tn, 2), the
+        posterior's and the prior's (head(norm(F)) alone, the context-only prediction), see Head.
+        with_evidence=False (posterior readout): the logits or CE of that prior alone, without <z, E_v> / sigma^2.
 
         Default positions are the training layout (clean 0..Tc-1, noisy 1..Tn): noisy position i follows the
         clean token at i-1, which is the last Tn clean inputs of the call. With a cache, the clean tokens are
@@ -234,9 +244,11 @@ class DenoiserBlock(nn.Module):
             # log p(v | context, z) = log p(v | context) + <z, E_v> / sigma^2 + const: the rows E_v have unit
             # norm, so the Gaussian likelihood N(z; E_v, sigma^2 I) differs between tokens by that term alone.
             sigma2 = at_least_fp32(sigma).view(B, 1, 1) ** 2
-            evidence = (z / sigma2, self.target_table)
+            evidence = (z / sigma2, self.target_table) if with_evidence else None
             h_out = modulate(self.norm(F_x), shift, scale)
-            return None, self.lm_head(h_out, targets, ce_chunk, self.target_table, evidence)
+            return None, self.lm_head(h_out, targets, ce_chunk, self.target_table, evidence, prior_ce)
+        if prior_ce or not with_evidence:
+            raise ValueError("the 'edm' readout has no separate prior (only readout 'posterior' has one)")
         D = c_skip * z + c_out * at_least_fp32(F_x)  # EDM Eq. 7
         h_out = modulate(self.norm(D.to(dtype)), shift, scale)
         return D, self.lm_head(h_out, targets, ce_chunk, self.target_table)
@@ -256,18 +268,27 @@ def denoiser_loss(
     weighting: str,
     sigma_data: float,
     ce_chunk: int = 0,
+    prior_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-block objective (paper Eq. 6 with a cross-entropy readout, docs/METHOD.md 4).
+    """The per-block objective (paper Eq. 6 with a cross-entropy readout, docs/METHOD.md 4 and 5b).
 
     window: (B, T+1) ids; sigma: (B,) one noise level per sequence; noise: (B, T, e) ~ N(0, I).
-    Returns (loss = mean of w(sigma) * CE, per-sequence plain CE (B,)), both fp32.
+    prior_weight > 0 (diffusion.prior_loss; posterior readout only) adds prior_weight * the mean CE of the
+    block's prior logits, its context-only prediction, unweighted by sigma.
+    Returns (loss = mean of w(sigma) * CE [+ prior term], per-sequence plain posterior CE (B,)), both fp32.
     """
     targets = window[:, 1:]
     z = target_embedding[targets] + sigma.view(-1, 1, 1) * noise
-    _, token_ce = block(window[:, :-1], z, sigma, targets=targets, ce_chunk=ce_chunk)
-    ce = at_least_fp32(token_ce).mean(dim=1)
+    extra = {"prior_ce": True} if prior_weight > 0 else {}  # (a family's own block need not know the keyword)
+    _, token_ce = block(window[:, :-1], z, sigma, targets=targets, ce_chunk=ce_chunk, **extra)
+    token_ce = at_least_fp32(token_ce)
+    prior = 0.0
+    if prior_weight > 0:
+        token_ce, prior_ce = token_ce[..., 0], token_ce[..., 1]
+        prior = prior_weight * prior_ce.mean()
+    ce = token_ce.mean(dim=1)
     weight = edm_loss_weight(at_least_fp32(sigma), sigma_data) if weighting == "edm" else torch.ones_like(ce)
-    return (weight * ce).mean(), ce.detach()
+    return (weight * ce).mean() + prior, ce.detach()
 
 
 class DiffusionBlocksLM(nn.Module):
