@@ -8,7 +8,7 @@ Every job is trained in this process on the run's data with the recipe's optimiz
 clipping, micro-batch) for the same number of steps, drawing the same windows as the block jobs do:
   lm        a plain causal LM (LlamaLM) of the block's depth: the reference
   paper     the paper's denoiser block (noisy input z, EDM readout, zero-initialised readout and gates,
-            EDM loss weight)
+            EDM loss weight, no prior term)
   +<switch> the paper's block with one switch changed (see SWITCHES)
   dbscale   every switch changed (dbscale's block); -<switch>: dbscale's block with one switch back
 A block is trained on its own widened sigma slice with the run's log-normal draw. Measured on fixed held-out
@@ -36,15 +36,18 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import device_info  # noqa: E402
 
-# switch -> (the paper's value, dbscale's value); loss_weighting is a diffusion field, the rest model fields.
-# adaln_gate_init is the same in both (adaLN-Zero); its other value is measured as 'dbscale:adaln_gate_init=one'.
+# switch -> (the paper's value, dbscale's value); loss_weighting and prior_loss are diffusion fields, the rest
+# model fields. adaln_gate_init is the same in both (adaLN-Zero); its other value is measured as
+# 'dbscale:adaln_gate_init=one'. prior_loss applies to the posterior readout only (the paper's has no prior).
 SWITCHES = {
     "noisy_input": ("z", "token"),
     "readout": ("edm", "posterior"),
     "readout_init": ("zero", "normal"),
     "loss_weighting": ("edm", "none"),
     "adaln_gate_init": ("zero", "zero"),
+    "prior_loss": (0.0, 1.0),
 }
+DIFFUSION_SWITCHES = ("loss_weighting", "prior_loss")
 
 
 def variant_settings(name: str) -> dict | None:
@@ -59,6 +62,8 @@ def variant_settings(name: str) -> dict | None:
     elif base[:1] in "+-" and base[1:] in SWITCHES:
         settings = variant_settings("paper" if base[0] == "+" else "dbscale")
         settings[base[1:]] = SWITCHES[base[1:]][base[0] == "+"]
+        if settings["readout"] == "edm":  # '-readout': the 'edm' readout has no prior to train
+            settings["prior_loss"] = 0.0
     else:
         raise ValueError(
             f"unknown variant '{name}': lm, paper, dbscale, +<switch> or -<switch> ({', '.join(SWITCHES)})"
@@ -67,7 +72,9 @@ def variant_settings(name: str) -> dict | None:
         key, _, value = part.partition("=")
         if key not in SWITCHES or not value:
             raise ValueError(f"variant '{name}': '{part}' is not <switch>=<value> ({', '.join(SWITCHES)})")
-        settings[key] = value
+        settings[key] = float(value) if key == "prior_loss" else value
+    if settings["prior_loss"] > 0 and settings["readout"] != "posterior":
+        raise ValueError(f"variant '{name}': prior_loss needs readout posterior (the 'edm' readout has no prior)")
     return settings
 
 
@@ -80,7 +87,7 @@ def build(run, settings: dict | None, block: int):
     layers = cfg.layer_allocation()[block]
     if settings is None:
         return LlamaLM(replace(cfg.model, n_layers=layers), run.vocab_size)
-    model_cfg = replace(cfg.model, **{k: v for k, v in settings.items() if k != "loss_weighting"})
+    model_cfg = replace(cfg.model, **{k: v for k, v in settings.items() if k not in DIFFUSION_SWITCHES})
     table = run.load_target_embedding()
     return DenoiserBlock(
         model_cfg, run.vocab_size, layers, cfg.diffusion.sigma_data, table if block_reads_table(model_cfg) else None
@@ -148,7 +155,8 @@ def train_job(run, name: str, block: int, steps: int, seed: int, eval_every: int
             g = torch.Generator().manual_seed(_seed(seed, block + 1, step, 0, 0, 2))
             sigma = sample_truncated_lognormal(len(window), *interval, d.P_mean, d.P_std, generator=g).float()
             noise = torch.randn(len(window), length - 1, E.shape[1], generator=g)
-            loss, _ = denoiser_loss(model, window, E, sigma, noise, settings["loss_weighting"], d.sigma_data)
+            weighting, prior = settings["loss_weighting"], settings["prior_loss"]
+            loss, _ = denoiser_loss(model, window, E, sigma, noise, weighting, d.sigma_data, 0, prior)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip:
@@ -217,7 +225,7 @@ def main() -> int:
     p.add_argument(
         "--variants",
         default="lm,paper,+noisy_input,+readout,+readout_init,+loss_weighting,dbscale,-noisy_input,-readout,"
-        "-readout_init,-loss_weighting,dbscale:noisy_input=token+z,dbscale:adaln_gate_init=one",
+        "-readout_init,-loss_weighting,-prior_loss,dbscale:noisy_input=token+z,dbscale:adaln_gate_init=one",
     )
     p.add_argument("--seeds", default="0")
     p.add_argument("--steps", type=int, default=None, help="default: the recipe's train.steps")
