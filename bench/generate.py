@@ -35,6 +35,13 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--batch-sizes", default="1,64", help="sequences generated at once")
+    p.add_argument(
+        "--head",
+        default="learned",
+        choices=["learned", "target"],
+        help="the chain's model.head ('target': logits on the frozen table, head and evidence in one product)",
+    )
+    p.add_argument("--out", help="file name in bench/results/ (default: generate_<shape>[_<head> head].json)")
     args = p.parse_args()
     shape = dict(SHAPES["quick" if args.quick else "full"])
     V = shape.pop("vocab")
@@ -65,19 +72,25 @@ def main() -> int:
     cfg = config_from_dict({"model": shape, "diffusion": {"num_blocks": 1}, "data": {"vocab_size": V}})
     rows += [{"model": "end-to-end", "B": 1, **r} for r in speed(LlamaLM(cfg.model, V))]
     for B in [int(b) for b in args.blocks.split(",")]:
-        cfg = config_from_dict({"model": shape, "diffusion": {"num_blocks": B}, "data": {"vocab_size": V}})
+        model_keys = {**shape, "head": args.head}
+        cfg = config_from_dict({"model": model_keys, "diffusion": {"num_blocks": B}, "data": {"vocab_size": V}})
         model = DiffusionBlocksLM(cfg, V, frozen_target_embedding(V, cfg.model.embed_dim, 0))
         rows += [{"model": "DiffusionBlocks", "B": B, **r} for r in speed(model)]
-    print(f"\nGeneration, shape {shape}, vocab {V}, prompt {args.prompt}, {args.new_tokens} new tokens, {device}")
+    print(
+        f"\nGeneration, shape {shape}, vocab {V}, prompt {args.prompt}, {args.new_tokens} new tokens, {device}, "
+        f"chain head '{args.head}'"
+    )
     print(f"{'model':>16} {'B':>2} {'batch':>5} {'tokens/s':>9} {'vs e2e':>7}")
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["model"] == "end-to-end"}
     for r in rows:
         r["vs_e2e"] = r["tokens_per_s"] / base[r["batch"]]
         print(f"{r['model']:>16} {r['B']:>2} {r['batch']:>5} {r['tokens_per_s']:9.1f} {r['vs_e2e']:7.2f}")
+    suffix = "" if args.head == "learned" else f"_{args.head}_head"
     path = write_results(
-        f"generate_{'quick' if args.quick else 'full'}.json",
+        args.out or f"generate_{'quick' if args.quick else 'full'}{suffix}.json",
         {
             "shape": shape,
+            "chain_head": args.head,
             "vocab": V,
             "prompt_tokens": args.prompt,
             "rows": rows,

@@ -28,6 +28,13 @@ def main() -> int:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=6, help="steps per job; the first is not timed")
     p.add_argument("--level", default="paper", choices=list(LEVELS), help="switch level (bench/common.py LEVELS)")
+    p.add_argument(
+        "--noisy-fraction",
+        type=float,
+        default=1.0,
+        help="the block jobs' diffusion.noisy_fraction (the share of positions a step denoises; 1 = all)",
+    )
+    p.add_argument("--out", help="file name in bench/results/ (default: throughput_<shape>[_noisy<f>].json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -41,21 +48,30 @@ def main() -> int:
     e2e_level = args.level if args.level in E2E_LEVELS else E2E_LEVELS[-1]
     e2e = run_worker(__file__, {**base, "B": 1, "level": e2e_level})
     blocks = [
-        run_worker(__file__, {**base, "B": args.blocks, "level": args.level, "block": b}) for b in range(args.blocks)
+        run_worker(
+            __file__,
+            {**base, "B": args.blocks, "level": args.level, "block": b, "noisy_fraction": args.noisy_fraction},
+        )
+        for b in range(args.blocks)
     ]
     total = sum(b["step_s"] for b in blocks)
-    print(f"\nLlama family, shape '{shape}', micro-batch {args.micro_batch}, {e2e['dtype']}, level '{args.level}'")
+    print(
+        f"\nLlama family, shape '{shape}', micro-batch {args.micro_batch}, {e2e['dtype']}, level '{args.level}', "
+        f"noisy fraction {args.noisy_fraction}"
+    )
     print(f"{'job':>10} {'layers':>6} {'step s':>8} {'tokens/s':>10} {'vs e2e':>7}")
     print(f"{'e2e':>10} {e2e['layers']:>6} {e2e['step_s']:8.3f} {e2e['tokens_per_s']:10,.0f} {1:7.2f}")
     for b, r in enumerate(blocks):
         ratio = r["step_s"] / e2e["step_s"]
         print(f"{'block ' + str(b):>10} {r['layers']:>6} {r['step_s']:8.3f} {r['tokens_per_s']:10,.0f} {ratio:7.2f}")
     print(f"{'sum':>10} {sum(b['layers'] for b in blocks):>6} {total:8.3f} {'':>10} {total / e2e['step_s']:7.2f}")
+    suffix = "" if args.noisy_fraction == 1 else f"_noisy{args.noisy_fraction:g}"
     path = write_results(
-        f"throughput_{shape}.json",
+        args.out or f"throughput_{shape}{suffix}.json",
         {
             "shape": shape,
             "B": args.blocks,
+            "noisy_fraction": args.noisy_fraction,
             "e2e": e2e,
             "blocks": blocks,
             "sum_block_step_s": total,

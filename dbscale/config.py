@@ -171,6 +171,14 @@ class DiffusionConfig:
         "term trains it at every sigma. 0 = the posterior CE alone (runs prepared before the field existed keep "
         "0). Ignored by the 'edm' readout, which has no separate prior.",
     )
+    noisy_fraction: float = _field(
+        1.0,
+        "AR denoiser blocks (llama, huginn): the share of positions whose noisy target one training micro-batch "
+        "denoises, a random subset drawn per micro-batch and shared by its sequences; the clean stream still "
+        "covers every position. 1 = every position (the paper). At f < 1 a block step runs its layers over "
+        "(1 + f) T tokens instead of 2T and its head over f T: less compute per step, fewer targets per step. "
+        "Validation always scores every position.",
+    )
     mask_schedule: Literal["linear", "loglinear", "cosine"] = _field(
         "linear",
         "Masked family: alpha(t) = P(token unmasked at t): 'linear' 1-t (MD4), 'loglinear' 1-(1-eps)t (MDLM), "
@@ -588,6 +596,8 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         fail("diffusion.gamma", f"must be in [0, 1), got {d.gamma}.")
     if d.prior_loss < 0:
         fail("diffusion.prior_loss", f"must be >= 0 (0 = no prior term), got {d.prior_loss}.")
+    if not 0 < d.noisy_fraction <= 1:
+        fail("diffusion.noisy_fraction", f"must be in (0, 1] (1 = every position), got {d.noisy_fraction}.")
     if d.sample_steps is not None and d.sample_steps < d.num_blocks:
         fail(
             "diffusion.sample_steps",

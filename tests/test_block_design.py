@@ -293,3 +293,23 @@ def test_heldout_sample_accuracy_of_a_plain_lm_is_its_expectation():
     assert m["sample_accuracy"] == pytest.approx(expected, rel=1e-5)
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), w[:, 1:]).item()
     assert m["ce"] == pytest.approx(ce, rel=1e-5) and "first_step_ce" not in m
+
+
+def test_target_head_with_evidence_is_one_product_and_exact(monkeypatch):
+    """model.head 'target' + the posterior readout: head and evidence read the same table, so the logits are
+    (scale * h + z/sigma^2) @ E^T, one vocabulary-sized product; equal to the two products computed apart."""
+    from dbscale.models.layers import Head
+
+    head = Head(CFG.embed_dim, V, "target")
+    with torch.no_grad():
+        head.logit_scale.fill_(1.7)
+    h, u = torch.randn(3, 5, CFG.embed_dim), 4.0 * torch.randn(3, 5, CFG.embed_dim)
+    expected = torch.nn.functional.linear(h * 1.7, E) + torch.nn.functional.linear(u, E)
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(a[1].shape) or linear(*a))
+    torch.testing.assert_close(head(h, table=E, evidence=(u, E)), expected, rtol=1e-5, atol=1e-4)
+    assert calls == [E.shape]
+    calls.clear()  # a different table object: the two products, the same numbers
+    torch.testing.assert_close(head(h, table=E.clone(), evidence=(u, E)), expected, rtol=1e-5, atol=1e-4)
+    assert len(calls) == 2

@@ -14,7 +14,7 @@ import torch
 
 from dbscale.diffusion.noise import sample_truncated_lognormal
 from dbscale.diffusion.partition import Partition
-from dbscale.families.base import Family, Job, StepInfo
+from dbscale.families.base import Family, Job, StepInfo, derive_seed
 
 
 class GaussianFamily(Family):
@@ -29,6 +29,8 @@ class GaussianFamily(Family):
         d = cfg.diffusion
         if d.t_boundaries is not None:
             fail("diffusion.t_boundaries", "is read by the masked family only; remove it.")
+        if d.noisy_fraction != 1 and not self.denoiser_blocks:
+            fail("diffusion.noisy_fraction", f"the '{self.name}' family's blocks train on every position; remove it.")
         if d.partition == "calibrated" and d.boundaries is None and not self.calibratable:
             fail(
                 "diffusion.boundaries",
@@ -67,7 +69,15 @@ class GaussianFamily(Family):
         g_dev = torch.Generator(device=window.device).manual_seed(noise_seed)  # noise is drawn where it is used
         shape = (len(window), window.shape[1] - 1, job.cfg.model.embed_dim)
         noise = torch.randn(shape, generator=g_dev, device=window.device)
-        return sigma.float().to(window.device), noise
+        if d.noisy_fraction == 1:
+            return sigma.float().to(window.device), noise
+        # A subset of the positions for the noisy stream (diffusion.noisy_fraction), from a generator of its own
+        # so that sigma and the noise are the same draws as at fraction 1.
+        T = shape[1]
+        keep = max(1, round(d.noisy_fraction * T))
+        g_pos = torch.Generator().manual_seed(derive_seed(noise_seed, 6))
+        positions = torch.randperm(T, generator=g_pos)[:keep].sort().values
+        return sigma.float().to(window.device), noise, positions.to(window.device)
 
     def loss(self, job: Job, model, window: torch.Tensor, draw: tuple, step: StepInfo) -> tuple:
         from dbscale.models.llama import block_has_prior, denoiser_loss, lm_loss
@@ -76,13 +86,17 @@ class GaussianFamily(Family):
         if not job.is_block:
             loss = lm_loss(model, window, ce_chunk)
             return loss, loss.detach().expand(window.shape[0])
-        sigma, noise = draw
+        sigma, noise, *subset = draw
+        # validation (step.index -1) scores every position; a training micro-batch its drawn subset, if any
+        positions = subset[0] if subset and step.index >= 0 else None
         d = job.cfg.diffusion
         table = job.extras["table"]
         if table.device != window.device:
             table = job.extras["table"] = table.to(window.device)
         prior = d.prior_loss if self.denoiser_blocks and block_has_prior(job.cfg.model) else 0.0
-        return denoiser_loss(model, window, table, sigma, noise, d.loss_weighting, d.sigma_data, ce_chunk, prior)
+        return denoiser_loss(
+            model, window, table, sigma, noise, d.loss_weighting, d.sigma_data, ce_chunk, prior, positions
+        )
 
     def partition_figure(self, run, path, plt) -> None:
         d = run.config.diffusion

@@ -218,12 +218,13 @@ class HuginnDenoiser(nn.Module):
         ce_chunk: int = 0,
         prior_ce: bool = False,
         with_evidence: bool = True,
+        follows=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As DenoiserBlock.forward; `clean` is token ids (the prelude runs) or the prelude's features."""
         self.denoiser.activation_checkpointing = self.activation_checkpointing
         features = clean if clean.is_floating_point() else self.context_features(clean, clean_pos)
         return self.denoiser(
-            features, z, sigma, clean_pos, noisy_pos, cache, targets, ce_chunk, prior_ce, with_evidence
+            features, z, sigma, clean_pos, noisy_pos, cache, targets, ce_chunk, prior_ce, with_evidence, follows
         )
 
 

@@ -246,6 +246,11 @@ class Head(nn.Module):
             raise ValueError(f"unknown head '{kind}'")
 
     def logits(self, h: torch.Tensor, table: torch.Tensor | None = None, evidence: tuple | None = None) -> torch.Tensor:
+        if self.kind == "target" and evidence is not None and evidence[1] is table:
+            # Head and evidence read the same table: scale * h @ E^T + u @ E^T = (scale * h + u) @ E^T, one
+            # vocabulary-sized product instead of two (in fp32, as the evidence needs).
+            u = at_least_fp32(evidence[0])
+            return F.linear(at_least_fp32(h) * self.logit_scale.to(u.dtype) + u, table.to(u.dtype))
         if self.kind == "learned":
             out = F.linear(h, self.weight)
         else:

@@ -190,11 +190,14 @@ class DenoiserBlock(nn.Module):
         ce_chunk: int = 0,
         prior_ce: bool = False,
         with_evidence: bool = True,
+        follows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """clean_tokens: (B, Tc) ids (or (B, Tc, d) features with context_features), z: (B, Tn, e) noisy
         targets, sigma: (B,). prior_ce (posterior readout, with targets): the CE comes as (B, Tn, 2), the
         posterior's and the prior's (head(norm(F)) alone, the context-only prediction), see Head.
         with_evidence=False (posterior readout): the logits or CE of that prior alone, without <z, E_v> / sigma^2.
+        follows (Tn,): with noisy_input 'token', the index among this call's clean tokens of the token each noisy
+        position follows (default: the last Tn); a training step on a subset of positions passes it with noisy_pos.
 
         Default positions are the training layout (clean 0..Tc-1, noisy 1..Tn): noisy position i follows the
         clean token at i-1, which is the last Tn clean inputs of the call. With a cache, the clean tokens are
@@ -221,7 +224,8 @@ class DenoiserBlock(nn.Module):
         if "token" in self.cfg.noisy_input:
             if Tc < Tn:
                 raise ValueError(f"noisy_input '{self.cfg.noisy_input}': {Tn} noisy positions follow {Tc} clean tokens")
-            noisy = noisy + context[:, Tc - Tn :]  # the token each noisy position follows
+            # the token each noisy position follows
+            noisy = noisy + (context[:, Tc - Tn :] if follows is None else context[:, follows])
         x = torch.cat([context, noisy], dim=1)
         new_pos = torch.cat([clean_pos, noisy_pos])
         new_clean = torch.cat(
@@ -269,17 +273,23 @@ def denoiser_loss(
     sigma_data: float,
     ce_chunk: int = 0,
     prior_weight: float = 0.0,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-block objective (paper Eq. 6 with a cross-entropy readout, docs/METHOD.md 4 and 5b).
 
     window: (B, T+1) ids; sigma: (B,) one noise level per sequence; noise: (B, T, e) ~ N(0, I).
     prior_weight > 0 (diffusion.prior_loss; posterior readout only) adds prior_weight * the mean CE of the
     block's prior logits, its context-only prediction, unweighted by sigma.
+    positions (k,) ascending indices into the T targets (diffusion.noisy_fraction): only those are noised and
+    denoised, the clean context stays whole; None = all T.
     Returns (loss = mean of w(sigma) * CE [+ prior term], per-sequence plain posterior CE (B,)), both fp32.
     """
     targets = window[:, 1:]
-    z = target_embedding[targets] + sigma.view(-1, 1, 1) * noise
     extra = {"prior_ce": True} if prior_weight > 0 else {}  # (a family's own block need not know the keyword)
+    if positions is not None:  # noisy position p + 1 follows clean token p
+        targets, noise = targets[:, positions], noise[:, positions]
+        extra.update(noisy_pos=positions + 1, follows=positions)
+    z = target_embedding[targets] + sigma.view(-1, 1, 1) * noise
     _, token_ce = block(window[:, :-1], z, sigma, targets=targets, ce_chunk=ce_chunk, **extra)
     token_ce = at_least_fp32(token_ce)
     prior = 0.0
