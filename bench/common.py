@@ -159,6 +159,7 @@ def measure_job(spec: dict) -> dict:
     family, job, model = bench_job(family_name, shape, B, model_keys, device)
     job.cfg.train.ce_chunk = level.get("ce_chunk", 0)
     job.cfg.diffusion.noisy_fraction = spec.get("noisy_fraction", 1.0)
+    job.cfg.diffusion.prior_loss = spec.get("prior_loss", job.cfg.diffusion.prior_loss)
     model.activation_checkpointing = bool(level.get("activation_checkpointing"))
     model.to(device=device, dtype=dtype)
     cfg = job.cfg.model

@@ -34,6 +34,12 @@ def main() -> int:
         default=1.0,
         help="the block jobs' diffusion.noisy_fraction (the share of positions a step denoises; 1 = all)",
     )
+    p.add_argument(
+        "--prior-loss",
+        type=float,
+        default=1.0,
+        help="the block jobs' diffusion.prior_loss (0: no prior term, as measured before it existed)",
+    )
     p.add_argument("--out", help="file name in bench/results/ (default: throughput_<shape>[_noisy<f>].json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -50,14 +56,21 @@ def main() -> int:
     blocks = [
         run_worker(
             __file__,
-            {**base, "B": args.blocks, "level": args.level, "block": b, "noisy_fraction": args.noisy_fraction},
+            {
+                **base,
+                "B": args.blocks,
+                "level": args.level,
+                "block": b,
+                "noisy_fraction": args.noisy_fraction,
+                "prior_loss": args.prior_loss,
+            },
         )
         for b in range(args.blocks)
     ]
     total = sum(b["step_s"] for b in blocks)
     print(
         f"\nLlama family, shape '{shape}', micro-batch {args.micro_batch}, {e2e['dtype']}, level '{args.level}', "
-        f"noisy fraction {args.noisy_fraction}"
+        f"noisy fraction {args.noisy_fraction}, prior loss {args.prior_loss}"
     )
     print(f"{'job':>10} {'layers':>6} {'step s':>8} {'tokens/s':>10} {'vs e2e':>7}")
     print(f"{'e2e':>10} {e2e['layers']:>6} {e2e['step_s']:8.3f} {e2e['tokens_per_s']:10,.0f} {1:7.2f}")
@@ -66,12 +79,14 @@ def main() -> int:
         print(f"{'block ' + str(b):>10} {r['layers']:>6} {r['step_s']:8.3f} {r['tokens_per_s']:10,.0f} {ratio:7.2f}")
     print(f"{'sum':>10} {sum(b['layers'] for b in blocks):>6} {total:8.3f} {'':>10} {total / e2e['step_s']:7.2f}")
     suffix = "" if args.noisy_fraction == 1 else f"_noisy{args.noisy_fraction:g}"
+    suffix += "" if args.prior_loss == 1 else f"_prior{args.prior_loss:g}"
     path = write_results(
         args.out or f"throughput_{shape}{suffix}.json",
         {
             "shape": shape,
             "B": args.blocks,
             "noisy_fraction": args.noisy_fraction,
+            "prior_loss": args.prior_loss,
             "e2e": e2e,
             "blocks": blocks,
             "sum_block_step_s": total,
