@@ -150,6 +150,7 @@ def measure_job(spec: dict) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if (cuda and spec.get("dtype", "auto") != "fp32") else torch.float32
     model_keys = {k: level[k] for k in ("head", "context_embedding") if k in level}
+    model_keys.update(spec.get("model", {}))  # e.g. {"target_dim": 128}: a block's target space narrower than d
     V, T = shape["vocab"], shape["seq_len"]
     _warm_up_runtime(device)  # load kernels and thread pools first: they are the runtime's memory, not the job's
     torch.manual_seed(0)

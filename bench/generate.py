@@ -41,7 +41,8 @@ def main() -> int:
         choices=["learned", "target"],
         help="the chain's model.head ('target': logits on the frozen table, head and evidence in one product)",
     )
-    p.add_argument("--out", help="file name in bench/results/ (default: generate_<shape>[_<head> head].json)")
+    p.add_argument("--target-dim", type=int, help="the chain's model.target_dim (default: d_model)")
+    p.add_argument("--out", help="file name in bench/results/ (default: generate_<shape>[_<head>_head][_e<dim>].json)")
     args = p.parse_args()
     shape = dict(SHAPES["quick" if args.quick else "full"])
     V = shape.pop("vocab")
@@ -72,25 +73,28 @@ def main() -> int:
     cfg = config_from_dict({"model": shape, "diffusion": {"num_blocks": 1}, "data": {"vocab_size": V}})
     rows += [{"model": "end-to-end", "B": 1, **r} for r in speed(LlamaLM(cfg.model, V))]
     for B in [int(b) for b in args.blocks.split(",")]:
-        model_keys = {**shape, "head": args.head}
+        model_keys = {**shape, "head": args.head, "target_dim": args.target_dim}
         cfg = config_from_dict({"model": model_keys, "diffusion": {"num_blocks": B}, "data": {"vocab_size": V}})
         model = DiffusionBlocksLM(cfg, V, frozen_target_embedding(V, cfg.model.embed_dim, 0))
         rows += [{"model": "DiffusionBlocks", "B": B, **r} for r in speed(model)]
     print(
         f"\nGeneration, shape {shape}, vocab {V}, prompt {args.prompt}, {args.new_tokens} new tokens, {device}, "
-        f"chain head '{args.head}'"
+        f"chain head '{args.head}', target dim {args.target_dim or 'd'}"
     )
     print(f"{'model':>16} {'B':>2} {'batch':>5} {'tokens/s':>9} {'vs e2e':>7}")
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["model"] == "end-to-end"}
     for r in rows:
         r["vs_e2e"] = r["tokens_per_s"] / base[r["batch"]]
         print(f"{r['model']:>16} {r['B']:>2} {r['batch']:>5} {r['tokens_per_s']:9.1f} {r['vs_e2e']:7.2f}")
-    suffix = "" if args.head == "learned" else f"_{args.head}_head"
+    suffix = ("" if args.head == "learned" else f"_{args.head}_head") + (
+        f"_e{args.target_dim}" if args.target_dim else ""
+    )
     path = write_results(
         args.out or f"generate_{'quick' if args.quick else 'full'}{suffix}.json",
         {
             "shape": shape,
             "chain_head": args.head,
+            "chain_target_dim": args.target_dim,
             "vocab": V,
             "prompt_tokens": args.prompt,
             "rows": rows,

@@ -40,6 +40,7 @@ def main() -> int:
     p.add_argument("--levels", default=",".join(LEVELS), help=f"switch levels, from {list(LEVELS)}")
     p.add_argument("--steps", type=int, default=2, help="training steps per job (>= 2; the second is measured)")
     p.add_argument("--fresh", action="store_true", help="measure every row again (default: resume)")
+    p.add_argument("--target-dim", type=int, help="the blocks' model.target_dim (default: d_model)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -55,7 +56,7 @@ def main() -> int:
     if set(levels) - set(LEVELS) or args.steps < 2:
         p.error(f"--levels must come from {list(LEVELS)} (got {levels}) and --steps must be >= 2")
     shape = "quick" if args.quick else "full"
-    name = f"memory_{args.family}_{shape}.json"
+    name = f"memory_{args.family}_{shape}{f'_e{args.target_dim}' if args.target_dim else ''}.json"
     # Resumable: rows already measured at this shape and micro-batch are kept (a full-shape run is long on CPU).
     done = {}
     previous = RESULTS / name
@@ -67,7 +68,14 @@ def main() -> int:
     def save(rows):
         return write_results(
             name,
-            {"family": args.family, "shape": shape, "micro_batch": args.micro_batch, "levels": LEVELS, "rows": rows},
+            {
+                "family": args.family,
+                "shape": shape,
+                "micro_batch": args.micro_batch,
+                "target_dim": args.target_dim,
+                "levels": LEVELS,
+                "rows": rows,
+            },
         )
 
     for B in [int(b) for b in args.blocks.split(",")]:
@@ -76,6 +84,7 @@ def main() -> int:
                 continue
             spec = {"shape": shape, "B": B, "level": level, "micro_batch": args.micro_batch, "steps": args.steps}
             spec["family"] = args.family
+            spec["model"] = {"target_dim": args.target_dim} if args.target_dim else {}
             r = run_worker(__file__, spec)
             done[(B, level)] = r
             save(list(done.values()))

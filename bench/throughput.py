@@ -40,6 +40,7 @@ def main() -> int:
         default=1.0,
         help="the block jobs' diffusion.prior_loss (0: no prior term, as measured before it existed)",
     )
+    p.add_argument("--target-dim", type=int, help="the blocks' model.target_dim (default: d_model)")
     p.add_argument("--out", help="file name in bench/results/ (default: throughput_<shape>[_noisy<f>].json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -63,6 +64,7 @@ def main() -> int:
                 "block": b,
                 "noisy_fraction": args.noisy_fraction,
                 "prior_loss": args.prior_loss,
+                "model": {"target_dim": args.target_dim} if args.target_dim else {},
             },
         )
         for b in range(args.blocks)
@@ -70,7 +72,7 @@ def main() -> int:
     total = sum(b["step_s"] for b in blocks)
     print(
         f"\nLlama family, shape '{shape}', micro-batch {args.micro_batch}, {e2e['dtype']}, level '{args.level}', "
-        f"noisy fraction {args.noisy_fraction}, prior loss {args.prior_loss}"
+        f"noisy fraction {args.noisy_fraction}, prior loss {args.prior_loss}, target dim {args.target_dim or 'd'}"
     )
     print(f"{'job':>10} {'layers':>6} {'step s':>8} {'tokens/s':>10} {'vs e2e':>7}")
     print(f"{'e2e':>10} {e2e['layers']:>6} {e2e['step_s']:8.3f} {e2e['tokens_per_s']:10,.0f} {1:7.2f}")
@@ -80,6 +82,7 @@ def main() -> int:
     print(f"{'sum':>10} {sum(b['layers'] for b in blocks):>6} {total:8.3f} {'':>10} {total / e2e['step_s']:7.2f}")
     suffix = "" if args.noisy_fraction == 1 else f"_noisy{args.noisy_fraction:g}"
     suffix += "" if args.prior_loss == 1 else f"_prior{args.prior_loss:g}"
+    suffix += f"_e{args.target_dim}" if args.target_dim else ""
     path = write_results(
         args.out or f"throughput_{shape}{suffix}.json",
         {
@@ -87,6 +90,7 @@ def main() -> int:
             "B": args.blocks,
             "noisy_fraction": args.noisy_fraction,
             "prior_loss": args.prior_loss,
+            "target_dim": args.target_dim,
             "e2e": e2e,
             "blocks": blocks,
             "sum_block_step_s": total,
