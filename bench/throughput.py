@@ -41,7 +41,9 @@ def main() -> int:
         help="the block jobs' diffusion.prior_loss (0: no prior term, as measured before it existed)",
     )
     p.add_argument("--target-dim", type=int, help="the blocks' model.target_dim (default: d_model)")
-    p.add_argument("--out", help="file name in bench/results/ (default: throughput_<shape>[_noisy<f>].json)")
+    p.add_argument(
+        "--out", help="file name in bench/results/ (default: throughput_<shape>[_noisy<f>][_prior<w>][_e<dim>].json)"
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
