@@ -1,5 +1,6 @@
 """The Llama family: masks against brute force, causality, KV-cache equivalence, zero-init behaviour."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -110,6 +111,59 @@ def test_block_cached_forward_equals_full_forward(design):
         _, step = block(window[:, i : i + 1], z[:, i : i + 1], sigma, torch.tensor([i]), torch.tensor([i + 1]), cache)
         torch.testing.assert_close(step[0, 0], full[0, i], rtol=1e-9, atol=1e-9)
     assert len(cache) == T
+
+
+def test_kv_cache_extend_matches_concatenation():
+    """The in-place buffers against a brute-force record of every token kept: each call returns the kept tokens
+    followed by the call's own, keeps only the first num_cacheable, and survives the buffer growing."""
+    from dbscale.models.layers import KVCache
+
+    g = torch.Generator().manual_seed(0)
+    cache, kept_k, kept_v = KVCache(), torch.zeros(2, 3, 0, 4), torch.zeros(2, 3, 0, 4)
+    for T, keep in [(5, 5), (2, 1), (1, 0), (3, 2), (9, 9), (2, 1), (1, 1)]:
+        k, v = torch.randn(2, 3, T, 4, generator=g), torch.randn(2, 3, T, 4, generator=g)
+        got_k, got_v = cache.extend(0, k, v, keep)
+        assert torch.equal(got_k, torch.cat([kept_k, k], dim=2)) and torch.equal(got_v, torch.cat([kept_v, v], dim=2))
+        kept_k, kept_v = torch.cat([kept_k, k[:, :, :keep]], dim=2), torch.cat([kept_v, v[:, :, :keep]], dim=2)
+        assert cache.lengths[0] == kept_k.shape[2]
+    assert cache.keys[0].shape[2] >= kept_k.shape[2]
+
+
+def test_block_keeps_its_time_conditioning_per_cache():
+    """Without autograd, a cache keeps the block's sigma-only modulations: one time-embedder call per cache,
+    outputs equal to the full forward; a different sigma on the same cache recomputes them."""
+    from dbscale.models.layers import KVCache
+
+    block = randomize(DenoiserBlock(CFG, V, 2, 0.5, TABLE)).double()
+    block.target_table = TABLE.double()
+    calls = []
+    block.time_embed.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    T, R = 6, 3
+    window = torch.randint(0, V, (R, T + 1))
+    z = torch.randn(R, T, CFG.embed_dim, dtype=torch.float64)
+    sigma = torch.full((R,), 0.3, dtype=torch.float64)
+    with torch.no_grad():
+        _, full = block(window[:, :-1], z, sigma)
+        calls.clear()
+        cache = KVCache()
+        for i in range(T):
+            clean, noisy = torch.tensor([i]), torch.tensor([i + 1])
+            _, step = block(window[:, i : i + 1], z[:, i : i + 1], sigma, clean, noisy, cache)
+            torch.testing.assert_close(step[:, 0], full[:, i], rtol=1e-9, atol=1e-9)
+        assert calls == [1]  # computed once, for one row, broadcast over the three
+        other = torch.full((R,), 0.7, dtype=torch.float64)
+        forgot = copy.deepcopy(cache)
+        forgot.conditioning = None  # the same keys and values, nothing kept: computes at sigma 0.7
+        args = (window[:, T : T + 1], z[:, :1], other, torch.tensor([T]), torch.tensor([T + 1]))
+        _, moved = block(*args, cache)
+        _, ref = block(*args, forgot)
+        assert calls == [1, 1, 1]
+        torch.testing.assert_close(moved, ref, rtol=0, atol=0)
+        mixed = torch.tensor([0.3, 0.7, 0.3], dtype=torch.float64)  # rows at different sigmas: nothing kept
+        block(window[:, :1], z[:, :1], mixed, torch.tensor([0]), torch.tensor([1]), KVCache())
+        assert calls[-1] == R
+    block(window[:, :1], z[:, :1], sigma, torch.tensor([0]), torch.tensor([1]), cache)  # with autograd: recomputed
+    assert calls[-1] == R
 
 
 def chain_model(num_blocks=2, steps=None, design=PAPER) -> DiffusionBlocksLM:

@@ -71,27 +71,40 @@ def stream_attention_mask(key_pos: torch.Tensor, key_clean: torch.Tensor, num_qu
 
 @dataclass
 class KVCache:
-    """Per-layer keys/values of the cached (clean) tokens, plus their positions. One cache per stream."""
+    """Per-layer keys/values of the cached (clean) tokens, plus their positions. One cache per stream.
 
-    keys: list[torch.Tensor | None] = field(default_factory=list)
-    values: list[torch.Tensor | None] = field(default_factory=list)
+    Keys and values live in buffers (B, H, capacity, head_dim) that grow by doubling, so appending a token
+    writes it in place instead of copying the whole cache (amortised O(1) per token)."""
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # cached tokens of each layer's buffer
     positions: torch.Tensor | None = None  # (T_cached,)
+    # what a denoiser block derives from its one sigma (see DenoiserBlock.time_conditioning): (key, value)
+    conditioning: tuple | None = None
 
     def __len__(self) -> int:
         return 0 if self.positions is None else int(self.positions.numel())
 
-    def layer(self, i: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if i >= len(self.keys):
-            return None, None
-        return self.keys[i], self.values[i]
-
-    def store(self, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        while len(self.keys) <= i:
-            self.keys.append(None)
-            self.values.append(None)
-        old_k, old_v = self.keys[i], self.values[i]
-        self.keys[i] = k if old_k is None else torch.cat([old_k, k], dim=2)
-        self.values[i] = v if old_v is None else torch.cat([old_v, v], dim=2)
+    def extend(self, i: int, k: torch.Tensor, v: torch.Tensor, num_cacheable: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's keys and values for a call that brings T new tokens k, v (B, H, T, hd): returns the cached
+        ones followed by these (views of the buffer), and keeps the first num_cacheable of the new ones. The
+        others (a chain's noisy query) sit past the cached length and are overwritten by the next call."""
+        if i == len(self.keys):
+            self.keys.append(k.new_empty(*k.shape[:2], 0, k.shape[3]))
+            self.values.append(v.new_empty(*v.shape[:2], 0, v.shape[3]))
+            self.lengths.append(0)
+        n, T = self.lengths[i], k.shape[2]
+        if n + T > self.keys[i].shape[2]:  # grow: one copy of the cache per doubling
+            capacity = max(n + T, 2 * self.keys[i].shape[2])
+            for buffers in (self.keys, self.values):
+                grown = buffers[i].new_empty(*buffers[i].shape[:2], capacity, buffers[i].shape[3])
+                grown[:, :, :n] = buffers[i][:, :, :n]
+                buffers[i] = grown
+        self.keys[i][:, :, n : n + T] = k
+        self.values[i][:, :, n : n + T] = v
+        self.lengths[i] = n + num_cacheable
+        return self.keys[i][:, :, : n + T], self.values[i][:, :, : n + T]
 
 
 class Attention(nn.Module):
@@ -126,11 +139,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            past_k, past_v = cache.layer(layer_index)
-            if num_cacheable:
-                cache.store(layer_index, k[:, :, :num_cacheable], v[:, :, :num_cacheable])
-            if past_k is not None:
-                k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+            k, v = cache.extend(layer_index, k, v, num_cacheable)
         if self.n_kv != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
@@ -199,13 +208,17 @@ class TransformerLayer(nn.Module):
     def _out(self, norm, h):
         return h if norm is None else norm(h)
 
-    def forward(self, x, cos, sin, mask, cond=None, cache=None, layer_index=0, num_cacheable=0):
+    def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """adaLN: (shift, scale, gate) for attention, then for the MLP, six (B, 1, d) tensors from cond (B, d)."""
+        return self.adaLN_modulation(F.silu(cond))[:, None, :].chunk(6, dim=-1)
+
+    def forward(self, x, cos, sin, mask, cond=None, cache=None, layer_index=0, num_cacheable=0, mods=None):
+        """mods: this layer's modulation(cond), when the caller already has it (cond is then not read)."""
         if self.adaLN_modulation is None:
             h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_index, num_cacheable)
             x = x + self._out(self.attn_out_norm, h)
             return x + self._out(self.mlp_out_norm, self.mlp(self.post_attention_layernorm(x)))
-        mods = self.adaLN_modulation(F.silu(cond))[:, None, :].chunk(6, dim=-1)
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(cond) if mods is None else mods
         h = modulate(self.input_layernorm(x), shift_a, scale_a)
         h = self.self_attn(h, cos, sin, mask, cache, layer_index, num_cacheable)
         x = x + gate_a * self._out(self.attn_out_norm, h)
@@ -316,13 +329,16 @@ def run_layers(
     cache: KVCache | None = None,
     num_cacheable: int = 0,
     activation_checkpointing: bool = False,
+    mods: list | None = None,
 ) -> torch.Tensor:
-    """Apply a stack of layers; recompute activations in backward when asked (training only)."""
+    """Apply a stack of layers; recompute activations in backward when asked (training only).
+    mods: every layer's adaLN modulation, precomputed (TransformerLayer.modulation); otherwise made from cond."""
     for i, layer in enumerate(layers):
+        layer_mods = None if mods is None else mods[i]
         if activation_checkpointing and torch.is_grad_enabled() and cache is None:
-            x = checkpoint(layer, x, cos, sin, mask, cond, use_reentrant=False)
+            x = checkpoint(layer, x, cos, sin, mask, cond, None, i, 0, layer_mods, use_reentrant=False)
         else:
-            x = layer(x, cos, sin, mask, cond, cache, i, num_cacheable)
+            x = layer(x, cos, sin, mask, cond, cache, i, num_cacheable, layer_mods)
     return x
 
 
