@@ -8,6 +8,11 @@ generate greedily from 64-token prompts for 256 new tokens, one sequence at a ti
 (dbscale.generate.generate_batch; tokens/s counts every sequence's tokens). The chain makes one call per block per token
 (L/B layers each, one KV cache per step), so its cost per token is L layers like the baseline, plus the
 per-block embedding, time conditioning and head. Writes bench/results/generate_<shape>.json.
+
+--profile adds, per model and batch size, where one generation call's time goes: the transformer layers, the
+vocabulary-sized head (for the chain's posterior readout also its evidence product, both inside the head),
+the chain's clean estimates (a softmax-weighted mean over the table: one more vocabulary-sized product) and
+the rest (embeddings, the sampler, Python), timed by hooks around each part (synchronised on a GPU).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,6 +49,7 @@ def main() -> int:
         help="the chain's model.head ('target': logits on the frozen table, head and evidence in one product)",
     )
     p.add_argument("--target-dim", type=int, help="the chain's model.target_dim (default: d_model)")
+    p.add_argument("--profile", action="store_true", help="also time each part of a generation call (see above)")
     p.add_argument("--out", help="file name in bench/results/ (default: generate_<shape>[_<head>_head][_e<dim>].json)")
     args = p.parse_args()
     shape = dict(SHAPES["quick" if args.quick else "full"])
@@ -52,20 +60,24 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, V, (max(batch_sizes), args.prompt), generator=g).tolist()
 
+    def generate(model, batch: int) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        gen = generate_batch(model, prompts[:batch], args.new_tokens, temperature=0.0, batch_size=batch)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, sum(len(x) for x in gen)
+
     def speed(model) -> list[dict]:
         model.eval().to(device)
         out = []
         for batch in batch_sizes:
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                gen = generate_batch(model, prompts[:batch], args.new_tokens, temperature=0.0, batch_size=batch)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            best = min(times)
-            tokens = sum(len(x) for x in gen)
-            out.append({"batch": batch, "seconds": best, "tokens_per_s": tokens / best, "new_tokens": tokens})
+            best, tokens = min(generate(model, batch) for _ in range(args.repeats))
+            row = {"batch": batch, "seconds": best, "tokens_per_s": tokens / best, "new_tokens": tokens}
+            if args.profile:
+                with timed_parts(model, device) as parts:
+                    row["profile_seconds"] = generate(model, batch)[0]
+                row["profile"] = dict(parts)
+            out.append(row)
         return out
 
     rows = []
@@ -86,6 +98,12 @@ def main() -> int:
     for r in rows:
         r["vs_e2e"] = r["tokens_per_s"] / base[r["batch"]]
         print(f"{r['model']:>16} {r['B']:>2} {r['batch']:>5} {r['tokens_per_s']:9.1f} {r['vs_e2e']:7.2f}")
+    if args.profile:
+        print(f"\nWhere one generation call's time goes (s; {args.prompt}-token prompts, {args.new_tokens} new tokens)")
+        print(f"{'model':>16} {'B':>2} {'batch':>5} {'total':>7} " + " ".join(f"{k:>9}" for k in PARTS))
+        for r in rows:
+            parts = " ".join(f"{r['profile'][k]:9.2f}" for k in PARTS)
+            print(f"{r['model']:>16} {r['B']:>2} {r['batch']:>5} {r['profile_seconds']:7.2f} {parts}")
     suffix = ("" if args.head == "learned" else f"_{args.head}_head") + (
         f"_e{args.target_dim}" if args.target_dim else ""
     )
@@ -102,6 +120,62 @@ def main() -> int:
     )
     print(f"[generate] wrote {path}")
     return 0
+
+
+PARTS = ("layers", "head", "estimate", "rest")
+
+
+@contextmanager
+def timed_parts(model, device: str):
+    """Seconds spent in each of PARTS while the block is active: forward hooks around every transformer layer
+    and every vocabulary head, and a wrapper around the chain's clean estimate; 'rest' is the remainder."""
+    import torch
+
+    import dbscale.models.llama as llama
+    from dbscale.models.layers import Head, TransformerLayer
+
+    parts: dict[str, float] = defaultdict(float)
+    started: dict[int, float] = {}
+
+    def now() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def pre(module, inputs):
+        started[id(module)] = now()
+
+    def post_hook(name):
+        def post(module, inputs, output):
+            parts[name] += now() - started.pop(id(module))
+
+        return post
+
+    handles = []
+    for module in model.modules():
+        name = "layers" if isinstance(module, TransformerLayer) else "head" if isinstance(module, Head) else None
+        if name:
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post_hook(name))]
+    estimate = llama.clean_estimate
+
+    def timed_estimate(*a, **kw):
+        t0 = now()
+        out = estimate(*a, **kw)
+        parts["estimate"] += now() - t0
+        return out
+
+    llama.clean_estimate = timed_estimate
+    t0 = now()
+    try:
+        yield parts
+    finally:
+        total = now() - t0
+        llama.clean_estimate = estimate
+        for h in handles:
+            h.remove()
+        parts["rest"] = total - sum(parts[k] for k in PARTS if k != "rest")
+        for k in PARTS:
+            parts.setdefault(k, 0.0)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,11 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=2, help="training steps per job (>= 2; the second is measured)")
     p.add_argument("--fresh", action="store_true", help="measure every row again (default: resume)")
     p.add_argument("--target-dim", type=int, help="the blocks' model.target_dim (default: d_model)")
+    p.add_argument(
+        "--context-embedding",
+        choices=["learned", "target"],
+        help="the blocks' model.context_embedding at every level ('target': read from the frozen table)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -56,7 +61,13 @@ def main() -> int:
     if set(levels) - set(LEVELS) or args.steps < 2:
         p.error(f"--levels must come from {list(LEVELS)} (got {levels}) and --steps must be >= 2")
     shape = "quick" if args.quick else "full"
-    name = f"memory_{args.family}_{shape}{f'_e{args.target_dim}' if args.target_dim else ''}.json"
+    model_keys = {"target_dim": args.target_dim} if args.target_dim else {}
+    if args.context_embedding:
+        model_keys["context_embedding"] = args.context_embedding
+    suffix = (f"_e{args.target_dim}" if args.target_dim else "") + (
+        f"_context_{args.context_embedding}" if args.context_embedding else ""
+    )
+    name = f"memory_{args.family}_{shape}{suffix}.json"
     # Resumable: rows already measured at this shape and micro-batch are kept (a full-shape run is long on CPU).
     done = {}
     previous = RESULTS / name
@@ -73,6 +84,7 @@ def main() -> int:
                 "shape": shape,
                 "micro_batch": args.micro_batch,
                 "target_dim": args.target_dim,
+                "context_embedding": args.context_embedding,
                 "levels": LEVELS,
                 "rows": rows,
             },
@@ -84,7 +96,7 @@ def main() -> int:
                 continue
             spec = {"shape": shape, "B": B, "level": level, "micro_batch": args.micro_batch, "steps": args.steps}
             spec["family"] = args.family
-            spec["model"] = {"target_dim": args.target_dim} if args.target_dim else {}
+            spec["model"] = model_keys
             r = run_worker(__file__, spec)
             done[(B, level)] = r
             save(list(done.values()))
