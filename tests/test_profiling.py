@@ -47,3 +47,57 @@ def test_bench_results_record_how_to_produce_them(tmp_path, monkeypatch):
     data = json.loads(common.write_results("x.json", {"rows": [1]}).read_text())
     assert data["command"] == "python bench/generate.py --quick --batch-sizes 1,64"
     assert list(data)[0] == "command" and data["rows"] == [1] and data["device_info"]["torch"] == torch.__version__
+
+
+def test_generation_profile_gives_each_part_its_own_calls(monkeypatch):
+    """bench/generate.py --profile: with a clock that ticks once per reading, each part's seconds are its number
+    of calls (hooks around every layer and head, the chain's clean estimates), 'rest' is the remainder, and the
+    hooks and the estimate's wrapper are gone afterwards."""
+    import importlib.util
+    import itertools
+    import types
+    from pathlib import Path
+
+    from test_batched_generation import PROMPTS, llama_chain
+
+    import dbscale.models.llama as llama
+    from dbscale.generate import generate_batch
+    from dbscale.models.layers import Head, TransformerLayer
+
+    path = Path(__file__).parents[1] / "bench/generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ticks = itertools.count()
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+
+    model = llama_chain("mean", "euler")
+    calls = {"layers": 0, "head": 0, "estimate": 0}
+
+    def count(name):
+        def hook(*_):
+            calls[name] += 1
+
+        return hook
+
+    for m in model.modules():
+        if isinstance(m, TransformerLayer | Head):
+            m.register_forward_hook(count("layers" if isinstance(m, TransformerLayer) else "head"))
+    estimate = llama.clean_estimate
+
+    def counted_estimate(*a, **kw):
+        calls["estimate"] += 1
+        return estimate(*a, **kw)
+
+    monkeypatch.setattr(llama, "clean_estimate", counted_estimate)
+    new_tokens = 5
+    with bench.timed_parts(model, "cpu") as parts:
+        generate_batch(model, PROMPTS[:3], new_tokens, temperature=0.0, batch_size=3)
+    assert llama.clean_estimate is counted_estimate  # the bench's wrapper is removed again
+    assert min(calls.values()) > 0
+    assert {k: parts[k] for k in calls} == calls
+    # Every timed call read the clock twice, plus one reading at the start and one at the end.
+    assert parts["rest"] == sum(calls.values()) + 1
+    counted, after = dict(calls), next(ticks)
+    generate_batch(model, PROMPTS[:3], new_tokens, temperature=0.0, batch_size=3)
+    assert calls["layers"] > counted["layers"] and next(ticks) == after + 1  # no hook of the bench's reads the clock
