@@ -1,6 +1,7 @@
 """The README's own-corpus quickstart, run as written (parsed from the README, so it cannot drift) on one
 small text file, through the installed `dbscale` command; the generated config table is current."""
 
+import json
 import os
 import shlex
 import subprocess
@@ -25,7 +26,7 @@ FASTER = {
         "--set",
         "data.vocab_size=512",
     ],
-    "evaluate": ["--num-prompts", "5", "--samples-per-prompt", "2", "--new-tokens", "8"],
+    "evaluate": ["--num-prompts", "5", "--samples-per-prompt", "2", "--new-tokens", "8", "--out", "eval.json"],
     "generate": ["--max-new-tokens", "8"],
 }
 
@@ -60,6 +61,8 @@ def test_the_readme_quickstart_runs_on_one_text_file(speeches, tmp_path):
     assert (tmp_path / "runs/mine/merged/model.safetensors").is_file()
     assert "It was" in outputs[-2]  # generate printed its prompt and continuation
     assert "MAUVE (MiniLM features)" in outputs[-1] and "end-to-end" in outputs[-1]
+    report = json.loads((tmp_path / "eval.json").read_text())  # the report says how it was made
+    assert report["command"].startswith("dbscale evaluate --model runs/mine/merged --compare runs/mine/e2e/merged")
 
 
 def test_the_config_documentation_is_current():
@@ -81,3 +84,15 @@ def test_every_verb_has_help_with_defaults_and_every_script_still_parses():
     for script in ("tools/prepare.py", "tools/merge_blocks.py", "tools/generate.py", "launchers/launch_blocks.py"):
         p = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
         assert p.returncode == 0 and "usage:" in p.stdout, script
+
+
+def test_a_report_records_the_command_line_as_typed(tmp_path, monkeypatch):
+    from dbscale.commands import invocation
+
+    assert (
+        invocation(["/somewhere/bin/dbscale", "evaluate", "--prompt", "It was"]) == "dbscale evaluate --prompt 'It was'"
+    )
+    monkeypatch.chdir(tmp_path)
+    script = str(tmp_path / "tools/evaluate.py")
+    assert invocation([script, "--out", "a b.json"]) == "python tools/evaluate.py --out 'a b.json'"
+    assert invocation(["/elsewhere/evaluate.py"]) == "python /elsewhere/evaluate.py"

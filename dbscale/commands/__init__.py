@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
+import sys
+from pathlib import Path
 
 # verb -> (module, one-line summary), in the order of a run's life
 VERBS = {
@@ -52,3 +55,17 @@ def script(verb: str, argv: list[str] | None = None) -> int:
 
     p = parser_for(verb)
     return cli_main(lambda: module(verb).execute(p.parse_args(argv), p))
+
+
+def invocation(argv: list[str] | None = None) -> str:
+    """This process's command line as one would type it again (`dbscale evaluate ...`, `python tools/x.py ...`),
+    for the reports a verb writes: a result says how to produce it again."""
+    argv = sys.argv if argv is None else argv
+    program = Path(argv[0])
+    if program.suffix == ".py":
+        if program.is_absolute() and program.is_relative_to(Path.cwd()):
+            program = program.relative_to(Path.cwd())
+        head = ["python", program.as_posix()]
+    else:
+        head = [program.name]
+    return shlex.join([*head, *argv[1:]])

@@ -58,6 +58,7 @@ def execute(args, p) -> int:
     if args.num_prompts * args.samples_per_prompt < 10:
         p.error("MAUVE needs at least 10 samples: raise --num-prompts or --samples-per-prompt")
 
+    from dbscale.commands import invocation
     from dbscale.eval.protocol import evaluate, format_table
 
     settings = EvalSettings(
@@ -79,6 +80,7 @@ def execute(args, p) -> int:
     sampler = {k: v for k, v in (("estimate", args.estimate), ("step", args.step), ("steps", args.sample_steps)) if v}
     models = [(m, sampler) for m in [args.model, *args.compare]]
     report = evaluate(models, args.data, settings, judge=args.judge, log=lambda m: print(m, file=sys.stderr))
+    report = {"command": invocation(), **report}
     text = json.dumps(report, indent=2)
     if args.out:  # written before anything else is done with it: minutes of sampling are never lost
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
