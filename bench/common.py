@@ -240,7 +240,9 @@ def run_worker(script: str, spec: dict, timeout: int = 3600) -> dict:
 def write_results(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])  # how to produce it again
+    from dbscale.commands import invocation
+
+    command = invocation()  # how to produce it again
     path.write_text(json.dumps({"command": command, **payload, "device_info": device_info()}, indent=2) + "\n")
     return path
 

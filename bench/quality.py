@@ -80,6 +80,7 @@ def main() -> int:
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
+    from dbscale.commands import invocation
     from dbscale.diffusion.partition import default_num_steps
     from dbscale.run import open_run
 
@@ -135,7 +136,7 @@ def main() -> int:
         summary["ratios"]["gen_ppl_e2e_other_seeds"] = others
         summary["ratios"]["gen_ppl_chain_over_e2e_other_seeds"] = c["gen_ppl"]["mean"] / others
     report["bench"] = {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": invocation(),
         "config": args.config,
         "overrides": args.set,
         "seeds": seeds,
