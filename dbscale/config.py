@@ -284,6 +284,12 @@ class TrainConfig:
     betas: list[float] = _field([0.9, 0.95], "AdamW betas.")
     grad_clip: float = _field(1.0, "Gradient norm clipping (0 = off).")
     zero_stage: int = _field(2, "DeepSpeed ZeRO stage inside a block job: 1, 2 or 3.")
+    offload_optimizer: bool = _field(
+        False,
+        "ZeRO-Offload: keep the AdamW state and the fp32 master weights in CPU memory and step them there "
+        "(DeepSpeed's CPU Adam on a GPU, compiled on first use), so the GPU holds only the weights, gradients "
+        "and activations; costs step time (bench/offload.py measures both). Same math; may change per job.",
+    )
     precision: Literal["auto", "fp32", "bf16"] = _field("auto", "'auto' (bf16 on CUDA, fp32 on CPU), 'fp32' or 'bf16'.")
     activation_checkpointing: bool = _field(False, "Recompute each layer's activations in backward.")
     ce_chunk: int = _field(

@@ -11,14 +11,21 @@ from dbscale.train.metrics import read_metrics
 
 
 @pytest.mark.parametrize(
-    "block, zero_stage, switches",
-    [(1, 2, False), (None, 2, False), (0, 3, False), (None, 1, False), (1, 2, True)],
-    ids=["block-zero2", "e2e-zero2", "block-zero3", "e2e-zero1", "block-memory-switches"],
+    "block, zero_stage, switches, offload",
+    [
+        (1, 2, False, False),
+        (None, 2, False, False),
+        (0, 3, False, False),
+        (None, 1, False, False),
+        (1, 2, True, False),
+        (0, 2, False, True),
+    ],
+    ids=["block-zero2", "e2e-zero2", "block-zero3", "e2e-zero1", "block-memory-switches", "block-zero2-offload"],
 )
-def test_deepspeed_trainer_matches_plain_torch(process_group, tiny_cfg, tmp_path, block, zero_stage, switches):
+def test_deepspeed_trainer_matches_plain_torch(process_group, tiny_cfg, tmp_path, block, zero_stage, switches, offload):
     """Losses per step match, and the merged (consolidated) checkpoint equals the reference weights. With the
     memory switches (target-table head and context, chunked CE) the block's scalar logit scale goes through
-    DeepSpeed too."""
+    DeepSpeed too; with ZeRO-Offload the optimizer state lives in DeepSpeed's host-side partitions."""
     from dbscale.merge import _consolidate
     from dbscale.train.trainer import Trainer, _seed
 
@@ -33,10 +40,12 @@ def test_deepspeed_trainer_matches_plain_torch(process_group, tiny_cfg, tmp_path
             "weight_decay": 0.1,
             "zero_stage": zero_stage,
             "ce_chunk": 16 if switches else 0,
+            "offload_optimizer": offload,
         },
     )
     run = prepare_run(cfg, tmp_path / "run", log=lambda *a: None)
     trainer = Trainer(run, block, rank=0, world_size=1)
+    assert trainer.engine.zero_cpu_offload() is offload  # the config reaches DeepSpeed
     trainer.train()
     events = [e for e in read_metrics(run.job_dir(block) / "metrics.jsonl") if e["event"] == "train"]
     ds_losses = [e["loss"] for e in events]
@@ -95,3 +104,41 @@ def test_activation_checkpointing_changes_nothing_but_memory(process_group, tiny
         trainer.train()
         losses[ac] = [e["loss"] for e in read_metrics(run.job_dir(block) / "metrics.jsonl") if e["event"] == "train"]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)  # memory: see test_models
+
+
+def test_offload_can_be_switched_at_a_resume(process_group, tiny_cfg, tmp_path):
+    """A job checkpointed without ZeRO-Offload resumes with it (a user who runs short of GPU memory), and back
+    again, continuing the same optimizer state: the losses equal those of the job run straight through."""
+    from dbscale.train.trainer import Trainer
+
+    def losses(run):
+        return {e["step"]: e["loss"] for e in read_metrics(run.job_dir(0) / "metrics.jsonl") if e["event"] == "train"}
+
+    def train(run, offload, stop_after=None):
+        run.config.train.offload_optimizer = offload
+        trainer = Trainer(run, 0, 0, 1)
+        assert trainer.engine.zero_cpu_offload() is offload
+        if stop_after is not None:
+
+            def stop(step):
+                if step == stop_after:
+                    raise KeyboardInterrupt  # stopped right after this step's checkpoint
+
+            trainer.after_step = stop
+        try:
+            trainer.train()
+        except KeyboardInterrupt:
+            assert stop_after is not None
+        finally:
+            trainer.close()
+
+    cfg = dict(steps=6, save_every=2, val_every=0, log_every=1, warmup_steps=1)
+    straight = prepare_run(tiny_cfg(train=cfg), tmp_path / "straight", log=lambda *a: None)
+    switched = prepare_run(tiny_cfg(train=cfg), tmp_path / "switched", log=lambda *a: None)
+    train(straight, offload=False)
+    train(switched, offload=False, stop_after=2)
+    train(switched, offload=True, stop_after=4)
+    train(switched, offload=False)
+    a, b = losses(straight), losses(switched)
+    assert sorted(b) == list(range(1, 7))
+    assert b == pytest.approx(a, rel=1e-6, abs=1e-7)

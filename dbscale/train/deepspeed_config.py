@@ -15,6 +15,14 @@ def use_bf16(train: TrainConfig) -> bool:
     return train.precision == "bf16"
 
 
+def zero_config(train: TrainConfig, on_gpu: bool) -> dict:
+    zero: dict = {"stage": train.zero_stage}
+    if train.offload_optimizer:
+        # pinned host memory makes the gradient and weight copies asynchronous; there is no device on CPU
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    return zero
+
+
 def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
     on_gpu = torch.cuda.is_available()
     return {
@@ -22,7 +30,7 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
         "gradient_accumulation_steps": train.grad_accum,
         "train_batch_size": train.micro_batch * train.grad_accum * world_size,
         "gradient_clipping": train.grad_clip,
-        "zero_optimization": {"stage": train.zero_stage},
+        "zero_optimization": zero_config(train, on_gpu),
         "bf16": {"enabled": use_bf16(train)},
         "optimizer": {
             "type": "AdamW",
@@ -32,7 +40,8 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
                 "eps": 1e-8,
                 "weight_decay": train.weight_decay,
                 # DeepSpeed's default on CPU is a C++ FusedAdam JIT-compiled on first use (~80 s);
-                # torch's AdamW needs no compile. On GPU the fused CUDA kernel is used.
+                # torch's AdamW needs no compile. On GPU the fused CUDA kernel is used, or with
+                # offload_optimizer DeepSpeed's CPU Adam (the same update, vectorised for the host).
                 "torch_adam": not on_gpu,
             },
         },
