@@ -68,8 +68,9 @@ def clean_estimate(
     u: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The estimate of the clean target (..., e) from a step's logits (..., V) over the table E (V, e)."""
-    if kind == "mean":
-        return logits.float().softmax(-1) @ table
+    if kind == "mean":  # probabilities in fp32; the product in the table's dtype (bf16 weights: bf16), result fp32
+        probs = logits.float().softmax(-1)
+        return (probs.to(table.dtype) @ table).to(probs.dtype)
     if kind == "argmax" or temperature <= 0:
         return table[logits.argmax(-1)]
     if kind == "sample":
