@@ -140,7 +140,7 @@ def measure_job(spec: dict) -> dict:
     import torch
 
     from dbscale.families import StepInfo
-    from dbscale.profiling import saved_activation_bytes, state_bytes
+    from dbscale.profiling import count_flops, saved_activation_bytes, state_bytes
 
     family_name = spec.get("family", "llama")
     shapes = MEMORY_BENCH[family_name]["shapes"]
@@ -218,7 +218,48 @@ def measure_job(spec: dict) -> dict:
         out["peak_rss_bytes"] = peak_rss_bytes()
         out["peak_bytes"] = out["peak_rss_bytes"] - rss0
         out["peak_kind"] = "peak RSS minus RSS before the model was built"
+    # one more step, untimed and after the peak was read: the FLOPs its forward and backward execute
+    window = torch.randint(0, V, (mb, length), generator=g).to(device)
+    out["flops_per_step"] = count_flops(lambda: loss_fn(window, spec["steps"]).backward())
+    out["flops_per_s"] = out["flops_per_step"] / step_s
     return out
+
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (H100 SXM5 and H200 SXM: 989.4 TFLOP/s; H100 PCIe: 756),
+# matched on torch.cuda.get_device_name; the denominator of the usual MFU (model FLOPs per second / peak).
+DATASHEET_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12))
+
+
+def datasheet_peak_flops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((peak for key, peak in DATASHEET_BF16_FLOPS if key in name), None)
+
+
+def matmul_peak_flops(repeats: int = 5) -> dict:
+    """The FLOP/s this device reaches on one large square product in the jobs' dtype (bf16 on a GPU, fp32 on a
+    CPU): a measured ceiling for the jobs' FLOP/s, the median of `repeats` products after a warm-up."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    n, dtype = (8192, torch.bfloat16) if cuda else (2048, torch.float32)
+    device = "cuda" if cuda else "cpu"
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(repeats + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if cuda:
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "flops_per_s": 2 * n**3 / statistics.median(times)}
 
 
 def run_worker(script: str, spec: dict, timeout: int = 3600) -> dict:
@@ -237,9 +278,21 @@ def run_worker(script: str, spec: dict, timeout: int = 3600) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def results_path(name: str) -> Path:
+    """Where a bench's result file lives: bench/results/<name>, or under $DBSCALE_BENCH_RESULTS (a trial run
+    that must not replace the tables); a GPU run's file is <name>_cuda.json, so it never overwrites (or resumes
+    from) the CPU table of the same bench."""
+    import torch
+
+    if torch.cuda.is_available() and not name.endswith("_cuda.json"):
+        name = name.removesuffix(".json") + "_cuda.json"
+    return Path(os.environ.get("DBSCALE_BENCH_RESULTS") or RESULTS) / name
+
+
 def write_results(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+    """Write results_path(name) with the command that made it and the machine."""
+    path = results_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
     from dbscale.commands import invocation
 
     command = invocation()  # how to produce it again

@@ -13,6 +13,10 @@ per-block embedding, time conditioning and head. Writes bench/results/generate_<
 vocabulary-sized head (for the chain's posterior readout also its evidence product, both inside the head),
 the chain's clean estimates (a softmax-weighted mean over the table: one more vocabulary-sized product) and
 the rest (embeddings, the sampler, Python), timed by hooks around each part (synchronised on a GPU).
+
+Every row also counts the FLOPs a call executes per new token (dbscale.profiling.count_flops; a call for all the
+new tokens less one for the first, so the prompts' prefill is left out): the arithmetic each model asks of any
+device, where tokens/s is this machine's answer.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def main() -> int:
     from dbscale.config import config_from_dict
     from dbscale.generate import generate_batch
     from dbscale.models.llama import DiffusionBlocksLM, LlamaLM, frozen_target_embedding
+    from dbscale.profiling import count_flops
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -50,29 +55,37 @@ def main() -> int:
     )
     p.add_argument("--target-dim", type=int, help="the chain's model.target_dim (default: d_model)")
     p.add_argument("--profile", action="store_true", help="also time each part of a generation call (see above)")
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="weights' dtype ('auto': bf16 on a GPU)"
+    )
     p.add_argument("--out", help="file name in bench/results/ (default: generate_<shape>[_<head>_head][_e<dim>].json)")
     args = p.parse_args()
     shape = dict(SHAPES["quick" if args.quick else "full"])
     V = shape.pop("vocab")
     shape["seq_len"] = args.prompt + args.new_tokens
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    auto = "bf16" if device == "cuda" else "fp32"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[auto if args.dtype == "auto" else args.dtype]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, V, (max(batch_sizes), args.prompt), generator=g).tolist()
 
-    def generate(model, batch: int) -> tuple[float, int]:
+    def generate(model, batch: int, new_tokens: int = args.new_tokens) -> tuple[float, int]:
         t0 = time.perf_counter()
-        gen = generate_batch(model, prompts[:batch], args.new_tokens, temperature=0.0, batch_size=batch)
+        gen = generate_batch(model, prompts[:batch], new_tokens, temperature=0.0, batch_size=batch)
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0, sum(len(x) for x in gen)
 
     def speed(model) -> list[dict]:
-        model.eval().to(device)
+        model.eval().to(device=device, dtype=dtype)
         out = []
         for batch in batch_sizes:
             best, tokens = min(generate(model, batch) for _ in range(args.repeats))
             row = {"batch": batch, "seconds": best, "tokens_per_s": tokens / best, "new_tokens": tokens}
+            # two more calls, untimed: the FLOPs per new token past the first (the prompts' prefill left out)
+            first = count_flops(lambda b=batch: generate(model, b, 1))
+            row["flops_per_token"] = (count_flops(lambda b=batch: generate(model, b)) - first) / (tokens - batch)
             if args.profile:
                 with timed_parts(model, device) as parts:
                     row["profile_seconds"] = generate(model, batch)[0]
@@ -91,13 +104,17 @@ def main() -> int:
         rows += [{"model": "DiffusionBlocks", "B": B, **r} for r in speed(model)]
     print(
         f"\nGeneration, shape {shape}, vocab {V}, prompt {args.prompt}, {args.new_tokens} new tokens, {device}, "
-        f"chain head '{args.head}', target dim {args.target_dim or 'd'}"
+        f"{dtype}, chain head '{args.head}', target dim {args.target_dim or 'd'}"
     )
-    print(f"{'model':>16} {'B':>2} {'batch':>5} {'tokens/s':>9} {'vs e2e':>7}")
-    base = {r["batch"]: r["tokens_per_s"] for r in rows if r["model"] == "end-to-end"}
+    print(f"{'model':>16} {'B':>2} {'batch':>5} {'tokens/s':>9} {'vs e2e':>7} {'GFLOP/token':>12} {'vs e2e':>7}")
+    base = {r["batch"]: r for r in rows if r["model"] == "end-to-end"}
     for r in rows:
-        r["vs_e2e"] = r["tokens_per_s"] / base[r["batch"]]
-        print(f"{r['model']:>16} {r['B']:>2} {r['batch']:>5} {r['tokens_per_s']:9.1f} {r['vs_e2e']:7.2f}")
+        r["vs_e2e"] = r["tokens_per_s"] / base[r["batch"]]["tokens_per_s"]
+        r["flops_vs_e2e"] = r["flops_per_token"] / base[r["batch"]]["flops_per_token"]
+        print(
+            f"{r['model']:>16} {r['B']:>2} {r['batch']:>5} {r['tokens_per_s']:9.1f} {r['vs_e2e']:7.2f} "
+            f"{r['flops_per_token'] / 1e9:12.3f} {r['flops_vs_e2e']:7.2f}"
+        )
     if args.profile:
         print(f"\nWhere one generation call's time goes (s; {args.prompt}-token prompts, {args.new_tokens} new tokens)")
         print(f"{'model':>16} {'B':>2} {'batch':>5} {'total':>7} " + " ".join(f"{k:>9}" for k in PARTS))
@@ -111,6 +128,7 @@ def main() -> int:
         args.out or f"generate_{'quick' if args.quick else 'full'}{suffix}.json",
         {
             "shape": shape,
+            "dtype": str(dtype).replace("torch.", ""),
             "chain_head": args.head,
             "chain_target_dim": args.target_dim,
             "vocab": V,

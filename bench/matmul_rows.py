@@ -39,6 +39,7 @@ def main() -> int:
     weights = {"attention d x d": (d, d), "MLP in ffn x d": (ffn, d), "MLP out d x ffn": (d, ffn)}
     weights["head V x d"] = (shape["vocab"], d)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what generation runs in there
     rows = [int(m) for m in args.rows.split(",")]
     g = torch.Generator().manual_seed(0)
 
@@ -57,14 +58,14 @@ def main() -> int:
         return min(times) * 1e6
 
     results = []
-    print(f"Time of one product (microseconds, {device}); 'x M=1' is the ratio to one row")
+    print(f"Time of one product (microseconds, {device}, {dtype}); 'x M=1' is the ratio to one row")
     print(f"{'weight':>18} {'rows':>5} {'F.linear':>10} {'x M=1':>6} {'W @ x^T':>10} {'x M=1':>6}")
     with torch.no_grad():
         for name, (out_dim, in_dim) in weights.items():
-            W = torch.randn(out_dim, in_dim, generator=g).to(device)
+            W = torch.randn(out_dim, in_dim, generator=g).to(device, dtype)
             one = {}
             for m in rows:
-                x = torch.randn(m, in_dim, generator=g).to(device)
+                x = torch.randn(m, in_dim, generator=g).to(device, dtype)
                 linear = best_us(lambda x=x, W=W: F.linear(x, W))
                 transposed = best_us(lambda x=x, W=W: W @ x.T)
                 one.setdefault("linear", linear)
@@ -77,7 +78,7 @@ def main() -> int:
                     f"{name:>18} {m:>5} {linear:10.0f} {row['linear_vs_one_row']:6.2f} "
                     f"{transposed:10.0f} {row['transposed_vs_one_row']:6.2f}"
                 )
-    path = write_results("matmul_rows.json", {"device": device, "rows": results})
+    path = write_results("matmul_rows.json", {"device": device, "dtype": str(dtype), "rows": results})
     print(f"[matmul_rows] wrote {path}")
     return 0
 

@@ -23,9 +23,9 @@ from common import (  # noqa: E402
     E2E_LEVELS,
     LEVELS,
     MEMORY_BENCH,
-    RESULTS,
     measure_job,
     mib,
+    results_path,
     run_worker,
     write_results,
 )
@@ -70,7 +70,7 @@ def main() -> int:
     name = f"memory_{args.family}_{shape}{suffix}.json"
     # Resumable: rows already measured at this shape and micro-batch are kept (a full-shape run is long on CPU).
     done = {}
-    previous = RESULTS / name
+    previous = results_path(name)
     if previous.is_file() and not args.fresh:
         old = json.loads(previous.read_text())
         if old.get("micro_batch") == args.micro_batch:

@@ -18,7 +18,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import E2E_LEVELS, LEVELS, measure_job, run_worker, write_results  # noqa: E402
+from common import (  # noqa: E402
+    E2E_LEVELS,
+    LEVELS,
+    datasheet_peak_flops,
+    matmul_peak_flops,
+    measure_job,
+    run_worker,
+    write_results,
+)
 
 
 def main() -> int:
@@ -72,16 +80,30 @@ def main() -> int:
         for b in range(args.blocks)
     ]
     total = sum(b["step_s"] for b in blocks)
+    total_flops = sum(b["flops_per_step"] for b in blocks)
+    ceiling = matmul_peak_flops()
+    datasheet = datasheet_peak_flops()
     print(
         f"\nLlama family, shape '{shape}', micro-batch {args.micro_batch}, {e2e['dtype']}, level '{args.level}', "
         f"noisy fraction {args.noisy_fraction}, prior loss {args.prior_loss}, target dim {args.target_dim or 'd'}"
     )
-    print(f"{'job':>10} {'layers':>6} {'step s':>8} {'tokens/s':>10} {'vs e2e':>7}")
-    print(f"{'e2e':>10} {e2e['layers']:>6} {e2e['step_s']:8.3f} {e2e['tokens_per_s']:10,.0f} {1:7.2f}")
-    for b, r in enumerate(blocks):
-        ratio = r["step_s"] / e2e["step_s"]
-        print(f"{'block ' + str(b):>10} {r['layers']:>6} {r['step_s']:8.3f} {r['tokens_per_s']:10,.0f} {ratio:7.2f}")
-    print(f"{'sum':>10} {sum(b['layers'] for b in blocks):>6} {total:8.3f} {'':>10} {total / e2e['step_s']:7.2f}")
+    print(
+        f"FLOPs counted per training step (forward + backward); this device's {ceiling['n']}^3 {ceiling['dtype']} "
+        f"product: {ceiling['flops_per_s'] / 1e12:.3f} TFLOP/s"
+        + (f"; MFU against the datasheet's {datasheet / 1e12:.0f} TFLOP/s" if datasheet else "")
+    )
+    header = f"{'job':>10} {'layers':>6} {'step s':>8} {'tokens/s':>10} {'vs e2e':>7} {'GFLOP':>9} {'vs e2e':>7}"
+    print(header + f" {'TFLOP/s':>8} {'of product':>10}" + (f" {'MFU':>6}" if datasheet else ""))
+
+    def row(name, r, step_s, flops, tokens):
+        rate = flops / step_s
+        line = f"{name:>10} {r:>6} {step_s:8.3f} {tokens:>10} {step_s / e2e['step_s']:7.2f} {flops / 1e9:9.1f} "
+        line += f"{flops / e2e['flops_per_step']:7.2f} {rate / 1e12:8.3f} {rate / ceiling['flops_per_s']:10.1%}"
+        return line + (f" {rate / datasheet:6.1%}" if datasheet else "")
+
+    for name, r in [("e2e", e2e)] + [(f"block {b}", r) for b, r in enumerate(blocks)]:
+        print(row(name, r["layers"], r["step_s"], r["flops_per_step"], f"{r['tokens_per_s']:,.0f}"))
+    print(row("sum", sum(b["layers"] for b in blocks), total, total_flops, ""))
     suffix = "" if args.noisy_fraction == 1 else f"_noisy{args.noisy_fraction:g}"
     suffix += "" if args.prior_loss == 1 else f"_prior{args.prior_loss:g}"
     suffix += f"_e{args.target_dim}" if args.target_dim else ""
@@ -97,6 +119,15 @@ def main() -> int:
             "blocks": blocks,
             "sum_block_step_s": total,
             "sum_over_e2e": total / e2e["step_s"],
+            "sum_block_flops_per_step": total_flops,
+            "flops_sum_over_e2e": total_flops / e2e["flops_per_step"],
+            "matmul_peak": ceiling,
+            "datasheet_peak_flops_per_s": datasheet,
+            "mfu": (
+                {"e2e": e2e["flops_per_s"] / datasheet, "blocks": [b["flops_per_s"] / datasheet for b in blocks]}
+                if datasheet
+                else None
+            ),
         },
     )
     print(f"[throughput] wrote {path}")

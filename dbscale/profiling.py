@@ -1,7 +1,10 @@
-"""Measured memory: bytes autograd saves for backward, and bytes of parameters, gradients and optimizer state.
+"""Measured memory and arithmetic: bytes autograd saves for backward, bytes of parameters, gradients and
+optimizer state, and the floating-point operations a piece of code executes.
 
 Saved tensors are counted once per storage (views of one tensor share it) and parameters are left out
-(autograd saves weights by reference; they are counted as parameter bytes).
+(autograd saves weights by reference; they are counted as parameter bytes). FLOPs are counted by torch's
+FlopCounterMode on the operators that run (matrix products and attention; elementwise work is not counted,
+the usual convention for model FLOPs), 2 per multiply-add.
 """
 
 from __future__ import annotations
@@ -54,3 +57,36 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None 
         "optimizer": opt,
         "buffers": tensor_bytes(model.buffers()),
     }
+
+
+def _register_cpu_attention_flops() -> None:
+    """torch counts the CUDA attention kernels but not the CPU one scaled_dot_product_attention runs; give it the
+    formula torch uses for its fused kernels: the full T x S score matrix whatever the mask, two products
+    forward, five backward (the four of the gradients and the recomputed scores)."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    forward, backward = (
+        aten._scaled_dot_product_flash_attention_for_cpu,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward,
+    )
+    if forward in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(forward)
+    def _forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    @flop_counter.register_flop_formula(backward)
+    def _backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """The floating-point operations fn() executes (forward and, if it runs one, backward), on CPU or CUDA."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_attention_flops()
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())

@@ -101,3 +101,37 @@ def test_generation_profile_gives_each_part_its_own_calls(monkeypatch):
     counted, after = dict(calls), next(ticks)
     generate_batch(model, PROMPTS[:3], new_tokens, temperature=0.0, batch_size=3)
     assert calls["layers"] > counted["layers"] and next(ticks) == after + 1  # no hook of the bench's reads the clock
+
+
+def test_flops_of_products_and_attention_against_their_formulas():
+    """A linear layer forward and backward: three (m x k) by (k x n) products at 2 FLOPs per multiply-add. CPU
+    attention, which torch does not count itself: the same as the explicit products (scores, weighted values)
+    forward, and backward those four gradient products plus the recomputed scores, as torch counts its
+    CUDA kernels."""
+    import torch.nn.functional as F
+
+    from dbscale.profiling import count_flops
+
+    m, k, n = 5, 7, 3
+    x = torch.randn(m, k, requires_grad=True)
+    layer = torch.nn.Linear(k, n, bias=False)
+    assert count_flops(lambda: layer(x).sum().backward()) == 3 * 2 * m * k * n
+    with torch.no_grad():
+        assert count_flops(lambda: layer(x)) == 2 * m * k * n
+
+    b, h, t, d = 2, 3, 16, 8
+    q, key, v = (torch.randn(b, h, t, d, requires_grad=True) for _ in range(3))
+    mask = torch.ones(t, t, dtype=torch.bool).tril()
+
+    def fused():
+        F.scaled_dot_product_attention(q, key, v, attn_mask=mask).sum().backward()
+
+    def explicit():
+        scores = (q @ key.transpose(-1, -2) / d**0.5).masked_fill(~mask, float("-inf"))
+        (scores.softmax(-1) @ v).sum().backward()
+
+    product = 2 * b * h * t * t * d  # one (t x d) by (d x t) product per head
+    assert count_flops(explicit) == 6 * product
+    assert count_flops(fused) == count_flops(explicit) + product  # and the same twice: registered once
+    with torch.no_grad():
+        assert count_flops(lambda: F.scaled_dot_product_attention(q, key, v, attn_mask=mask)) == 2 * product
