@@ -263,6 +263,20 @@ def matmul_peak_flops(repeats: int = 10) -> dict:
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "flops_per_s": 2 * n**3 / min(times)}
 
 
+def parse_or_measure(parser, measure):
+    """A bench's command line. With the hidden --worker SPEC (how run_worker starts a measurement in a fresh
+    process) it runs measure(SPEC) here, prints the result as the JSON line run_worker reads, and returns None;
+    otherwise it returns the parsed arguments."""
+    import argparse
+
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return None
+    return args
+
+
 def run_worker(script: str, spec: dict, timeout: int = 3600) -> dict:
     """Run one measurement in a fresh process; returns its JSON result (or raises with its stderr)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}

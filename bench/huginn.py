@@ -23,7 +23,6 @@ Writes bench/results/huginn_{quick,full,quality}.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, mib, peak_rss_bytes, rss_bytes, run_worker, write_results  # noqa: E402
+from common import ROOT, mib, parse_or_measure, peak_rss_bytes, rss_bytes, run_worker, write_results  # noqa: E402
 
 SHAPES = {
     "full": {"d_model": 512, "n_heads": 8, "seq_len": 256, "vocab": 32000},
@@ -253,7 +252,7 @@ def quality(args) -> int:
         "evaluation": report,
     }
     path = write_results("huginn_quality.json", payload)
-    print(f"[huginn] wrote {path.relative_to(ROOT)}")
+    print(f"[huginn] wrote {path}")
     return 0
 
 
@@ -269,12 +268,10 @@ def main() -> int:
     p.add_argument("--baseline-steps", type=int, default=300)
     p.add_argument("--num-prompts", type=int, default=500)
     p.add_argument("--seeds", default="0,1,2", help="--quality: training seeds (seed 0 in --run, seed s in --run_s<s>)")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        spec = json.loads(args.worker)
-        fn = measure_generation if spec.get("kind") == "generate" else measure_training
-        print(json.dumps(fn(spec)))
+    args = parse_or_measure(
+        p, lambda spec: (measure_generation if spec.get("kind") == "generate" else measure_training)(spec)
+    )
+    if args is None:
         return 0
     if args.quality:
         return quality(args)
@@ -311,7 +308,7 @@ def main() -> int:
         b = next(r for r in gen_rows if r["job"] == "baseline" and r["steps_per_token"] == n)
         d = next(r for r in gen_rows if r["job"] == "diffusion core" and r["steps_per_token"] == n)
         print(f"{n:>16} {b['tokens_per_s']:14.1f} {d['tokens_per_s']:15.1f}")
-    print(f"[huginn] wrote {path.relative_to(ROOT)}")
+    print(f"[huginn] wrote {path}")
     return 0
 
 

@@ -25,6 +25,7 @@ from common import (  # noqa: E402
     MEMORY_BENCH,
     measure_job,
     mib,
+    parse_or_measure,
     results_path,
     run_worker,
     write_results,
@@ -46,10 +47,8 @@ def main() -> int:
         choices=["learned", "target"],
         help="the blocks' model.context_embedding at every level ('target': read from the frozen table)",
     )
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        print(json.dumps(measure_job(json.loads(args.worker))))
+    args = parse_or_measure(p, measure_job)
+    if args is None:
         return 0
     bench = MEMORY_BENCH.get(args.family)
     if bench is None:

@@ -17,7 +17,6 @@ Writes bench/results/offload_<shape>[_<level>].json (_cuda.json on a GPU).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ from common import (  # noqa: E402
     _warm_up_runtime,
     bench_job,
     mib,
+    parse_or_measure,
     peak_rss_bytes,
     rss_bytes,
     run_worker,
@@ -111,10 +111,8 @@ def main() -> int:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=5, help="steps per job; the first is not timed")
     p.add_argument("--level", default="paper", choices=list(E2E_LEVELS), help="switch level (bench/common.py)")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))))
+    args = parse_or_measure(p, measure)
+    if args is None:
         return 0
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step is not timed)")

@@ -13,7 +13,6 @@ the slowest block's). Writes bench/results/throughput_<shape>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from common import (  # noqa: E402
     datasheet_peak_flops,
     matmul_peak_flops,
     measure_job,
+    parse_or_measure,
     run_worker,
     write_results,
 )
@@ -52,10 +52,8 @@ def main() -> int:
     p.add_argument(
         "--out", help="file name in bench/results/ (default: throughput_<shape>[_noisy<f>][_prior<w>][_e<dim>].json)"
     )
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        print(json.dumps(measure_job(json.loads(args.worker))))
+    args = parse_or_measure(p, measure_job)
+    if args is None:
         return 0
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step is not timed)")
