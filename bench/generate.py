@@ -7,7 +7,9 @@ Both models are built at the same shape with random weights (speed does not depe
 generate greedily from 64-token prompts for 256 new tokens, one sequence at a time and --batch-sizes at once
 (dbscale.generate.generate_batch; tokens/s counts every sequence's tokens). The chain makes one call per block per token
 (L/B layers each, one KV cache per step), so its cost per token is L layers like the baseline, plus the
-per-block embedding, time conditioning and head. Writes bench/results/generate_<shape>.json.
+per-block embedding, time conditioning and head. --block stream --sigma-free: the single-stream block without
+noise conditioning runs each block's layers and head once per token (one KV cache per block); every sampler step
+adds only its evidence product. Writes bench/results/generate_<shape>.json.
 
 --profile adds, per model and batch size, where one generation call's time goes: the transformer layers, the
 vocabulary-sized head (for the chain's posterior readout also its evidence product, both inside the head),
@@ -54,6 +56,19 @@ def main() -> int:
         help="the chain's model.head ('target': logits on the frozen table, head and evidence in one product)",
     )
     p.add_argument("--target-dim", type=int, help="the chain's model.target_dim (default: d_model)")
+    p.add_argument(
+        "--block",
+        default="two_stream",
+        choices=["two_stream", "stream"],
+        help="the chain's model.block ('stream': the single-stream block, docs/METHOD.md 5c)",
+    )
+    p.add_argument(
+        "--sigma-free",
+        action="store_true",
+        help="with --block stream: model.time_conditioning false (one layer pass and KV cache per block and token)",
+    )
+    p.add_argument("--sample-steps", type=int, help="the chain's sampler steps per token (default: one per block)")
+    p.add_argument("--sample-top-k", type=int, help="with --sigma-free: the chain's diffusion.sample_top_k")
     p.add_argument("--profile", action="store_true", help="also time each part of a generation call (see above)")
     p.add_argument(
         "--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="weights' dtype ('auto': bf16 on a GPU)"
@@ -98,13 +113,18 @@ def main() -> int:
     cfg = config_from_dict({"model": shape, "diffusion": {"num_blocks": 1}, "data": {"vocab_size": V}})
     rows += [{"model": "end-to-end", "B": 1, **r} for r in speed(LlamaLM(cfg.model, V))]
     for B in [int(b) for b in args.blocks.split(",")]:
-        model_keys = {**shape, "head": args.head, "target_dim": args.target_dim}
-        cfg = config_from_dict({"model": model_keys, "diffusion": {"num_blocks": B}, "data": {"vocab_size": V}})
+        model_keys = {**shape, "head": args.head, "target_dim": args.target_dim, "block": args.block}
+        model_keys["time_conditioning"] = not args.sigma_free
+        diffusion = {"num_blocks": B, "sample_steps": args.sample_steps, "sample_top_k": args.sample_top_k}
+        cfg = config_from_dict({"model": model_keys, "diffusion": diffusion, "data": {"vocab_size": V}})
         model = DiffusionBlocksLM(cfg, V, frozen_target_embedding(V, cfg.model.embed_dim, 0))
         rows += [{"model": "DiffusionBlocks", "B": B, **r} for r in speed(model)]
     print(
         f"\nGeneration, shape {shape}, vocab {V}, prompt {args.prompt}, {args.new_tokens} new tokens, {device}, "
-        f"{dtype}, chain head '{args.head}', target dim {args.target_dim or 'd'}"
+        f"{dtype}, chain head '{args.head}', target dim {args.target_dim or 'd'}, block '{args.block}'"
+        + (", sigma-free" if args.sigma_free else "")
+        + (f", {args.sample_steps} sampler steps" if args.sample_steps else "")
+        + (f", top-{args.sample_top_k} candidates per block" if args.sample_top_k else "")
     )
     print(f"{'model':>16} {'B':>2} {'batch':>5} {'tokens/s':>9} {'vs e2e':>7} {'GFLOP/token':>12} {'vs e2e':>7}")
     base = {r["batch"]: r for r in rows if r["model"] == "end-to-end"}
@@ -124,6 +144,9 @@ def main() -> int:
     suffix = ("" if args.head == "learned" else f"_{args.head}_head") + (
         f"_e{args.target_dim}" if args.target_dim else ""
     )
+    suffix += ("" if args.block == "two_stream" else f"_{args.block}") + ("_sigma_free" if args.sigma_free else "")
+    suffix += f"_steps{args.sample_steps}" if args.sample_steps else ""
+    suffix += f"_top{args.sample_top_k}" if args.sample_top_k else ""
     path = write_results(
         args.out or f"generate_{'quick' if args.quick else 'full'}{suffix}.json",
         {
@@ -131,6 +154,10 @@ def main() -> int:
             "dtype": str(dtype).replace("torch.", ""),
             "chain_head": args.head,
             "chain_target_dim": args.target_dim,
+            "chain_block": args.block,
+            "chain_sigma_free": args.sigma_free,
+            "sample_steps": args.sample_steps,
+            "sample_top_k": args.sample_top_k,
             "vocab": V,
             "prompt_tokens": args.prompt,
             "rows": rows,
@@ -183,12 +210,22 @@ def timed_parts(model, device: str):
         return out
 
     llama.clean_estimate = timed_estimate
+    posterior = llama.StreamBlock.posterior_logits
+
+    def timed_posterior(*a, **kw):  # the sigma-free chain's evidence product, outside the head module
+        t0 = now()
+        out = posterior(*a, **kw)
+        parts["head"] += now() - t0
+        return out
+
+    llama.StreamBlock.posterior_logits = timed_posterior
     t0 = now()
     try:
         yield parts
     finally:
         total = now() - t0
         llama.clean_estimate = estimate
+        llama.StreamBlock.posterior_logits = posterior
         for h in handles:
             h.remove()
         parts["rest"] = total - sum(parts[k] for k in PARTS if k != "rest")

@@ -47,6 +47,12 @@ def main() -> int:
         choices=["learned", "target"],
         help="the blocks' model.context_embedding at every level ('target': read from the frozen table)",
     )
+    p.add_argument(
+        "--block",
+        choices=["two_stream", "stream"],
+        help="the blocks' model.block ('stream': the single-stream block, docs/METHOD.md 5c)",
+    )
+    p.add_argument("--sigma-free", action="store_true", help="with --block stream: model.time_conditioning false")
     args = parse_or_measure(p, measure_job)
     if args is None:
         return 0
@@ -63,8 +69,15 @@ def main() -> int:
     model_keys = {"target_dim": args.target_dim} if args.target_dim else {}
     if args.context_embedding:
         model_keys["context_embedding"] = args.context_embedding
+    if args.block:
+        model_keys["block"] = args.block
+    if args.sigma_free:
+        model_keys["time_conditioning"] = False
     suffix = (f"_e{args.target_dim}" if args.target_dim else "") + (
         f"_context_{args.context_embedding}" if args.context_embedding else ""
+    )
+    suffix += (f"_{args.block}" if args.block and args.block != "two_stream" else "") + (
+        "_sigma_free" if args.sigma_free else ""
     )
     name = f"memory_{args.family}_{shape}{suffix}.json"
     # Resumable: rows already measured at this shape and micro-batch are kept (a full-shape run is long on CPU).
@@ -84,6 +97,8 @@ def main() -> int:
                 "micro_batch": args.micro_batch,
                 "target_dim": args.target_dim,
                 "context_embedding": args.context_embedding,
+                "block": args.block or "two_stream",
+                "sigma_free": args.sigma_free,
                 "levels": LEVELS,
                 "rows": rows,
             },

@@ -76,6 +76,12 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=50)
     p.add_argument("--sample-steps", type=int, help="the chains' sampler steps per token (default: one per block)")
     p.add_argument("--eval-seed", type=int, default=0, help="evaluate's --seed: which held-out prompts and draws")
+    p.add_argument(
+        "--baselines-from",
+        metavar="NAME",
+        help="compare with the end-to-end models of runs/quality_<NAME>_s<seed> instead of training them again "
+        "(a baseline does not depend on the block settings: same data, seed and model shape give the same job)",
+    )
     p.add_argument("--out", help="default: bench/results/quality_<name>.json")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -84,7 +90,7 @@ def main() -> int:
     from dbscale.diffusion.partition import default_num_steps
     from dbscale.run import open_run
 
-    runs, train_s = [], {}
+    runs, baseline_runs, train_s = [], [], {}
     for seed in seeds:
         run = ROOT / "runs" / f"quality_{args.name}_s{seed}"
         overrides = [x for item in [*args.set, f"train.seed={seed}"] for x in ("--set", item)]
@@ -93,13 +99,18 @@ def main() -> int:
         B = open_run(run).num_blocks
         for b in range(B):
             sh(PY, "launchers/train_block.py", "--run", str(run), "--block", str(b))
-        sh(PY, "launchers/train_e2e.py", "--run", str(run))
         sh(PY, "tools/merge_blocks.py", "--run", str(run))
-        sh(PY, "tools/merge_blocks.py", "--run", str(run), "--e2e")
+        baseline = run if not args.baselines_from else ROOT / "runs" / f"quality_{args.baselines_from}_s{seed}"
+        if not args.baselines_from:
+            sh(PY, "launchers/train_e2e.py", "--run", str(run))
+            sh(PY, "tools/merge_blocks.py", "--run", str(run), "--e2e")
+        elif not (baseline / "e2e/merged").is_dir():
+            p.error(f"--baselines-from {args.baselines_from}: {baseline / 'e2e/merged'} does not exist")
         train_s[seed] = round(time.time() - t1, 1)
         runs.append(run)
+        baseline_runs.append(baseline)
     out = ROOT / (args.out or f"bench/results/quality_{args.name}.json")
-    models = [str(r / "merged") for r in runs] + [str(r / "e2e/merged") for r in runs]
+    models = [str(r / "merged") for r in runs] + [str(r / "e2e/merged") for r in baseline_runs]
     t1 = time.time()
     sh(
         PY,
@@ -143,9 +154,12 @@ def main() -> int:
         "steps_per_job": cfg.train.steps,
         "num_blocks": cfg.diffusion.num_blocks,
         "layers_per_block": cfg.layer_allocation(),
+        "baselines_from": [str(r.relative_to(ROOT)) for r in baseline_runs],
         "block_design": {
-            k: getattr(cfg.model, k) for k in ("noisy_input", "readout", "readout_init", "adaln_gate_init")
-        },
+            k: getattr(cfg.model, k)
+            for k in ("block", "time_conditioning", "noisy_input", "readout", "readout_init", "adaln_gate_init")
+        }
+        | {"sigma_draw": cfg.diffusion.sigma_draw},
         "sampler": {
             "estimate": cfg.diffusion.sample_estimate,
             "step": cfg.diffusion.sample_step,

@@ -65,6 +65,16 @@ class ModelConfig:
         "d x e projection of the frozen target table: no V x d weights in a block job).",
     )
 
+    block: Literal["stream", "two_stream"] = _field(
+        "two_stream",
+        "Llama family, the denoiser block's layout (docs/METHOD.md 5c): 'two_stream' (the clean and the noisy copy "
+        "of the sequence side by side, 2T rows per layer: the paper's layout) or 'stream' (one pass over the clean "
+        "tokens like an LM; row i-1's output through the norm and head is the prior for x_i and the head adds "
+        "the evidence <z_i, E_v> / sigma^2: half the layer rows, activations and KV cache). With 'stream', "
+        "model.time_conditioning false makes the block sigma-free (plain pre-norm layers, no adaLN): its prior "
+        "is the same at every sigma, so the sampler runs its layers once per token. Runs prepared before the "
+        "field keep 'two_stream'.",
+    )
     noisy_input: Literal["z", "token+z", "token"] = _field(
         "token",
         "AR denoiser block, what its noisy stream reads at position i: 'z' (the paper: in_proj(c_in * z_sigma) "
@@ -90,8 +100,10 @@ class ModelConfig:
 
     time_conditioning: bool = _field(
         True,
-        "Masked family: condition every layer on t through AdaLN (true), or not at all (false, MDLM's finding "
-        "for SUBS; it makes the cached sampler valid). The Llama family is always noise-conditioned.",
+        "Condition every layer on the noise level through AdaLN (true), or not at all (false). Masked family: "
+        "on t (false is MDLM's finding for SUBS; it makes the cached sampler valid). Llama family with block "
+        "'stream': on sigma (false: the sigma-free block, whose prior ignores sigma; the two-stream block is "
+        "always noise-conditioned).",
     )
 
     prelude_layers: int = _field(2, "Huginn: layers of the prelude (run once per token).")
@@ -179,6 +191,12 @@ class DiffusionConfig:
         "(1 + f) T tokens instead of 2T and its head over f T: less compute per step, fewer targets per step. "
         "Validation always scores every position.",
     )
+    sigma_draw: Literal["sequence", "position"] = _field(
+        "sequence",
+        "AR denoiser blocks: one sigma per training sequence (the paper) or one per position ('position': only "
+        "for the sigma-free block, model.block 'stream' with model.time_conditioning false, where no layer reads "
+        "sigma, so each target can carry its own draw at no cost).",
+    )
     mask_schedule: Literal["linear", "loglinear", "cosine"] = _field(
         "linear",
         "Masked family: alpha(t) = P(token unmasked at t): 'linear' 1-t (MD4), 'loglinear' 1-(1-eps)t (MDLM), "
@@ -202,6 +220,13 @@ class DiffusionConfig:
         "B <= 2 (2 steps jump from sigma_max to sigma_min and sample greedily); more steps give a block several "
         "calls per token at that many times the cost (`--sample-steps` of generate / evaluate overrides it on a "
         "merged chain). Masked: ancestral steps from all-mask to clean; null = model.seq_len.",
+    )
+    sample_top_k: int | None = _field(
+        None,
+        "Llama chain of sigma-free blocks (model.block stream, model.time_conditioning false): generate over the "
+        "union of the blocks' k most likely prior tokens, so each sampler step's evidence and clean estimate read "
+        "B*k rows of the target table instead of V (tokens outside get no probability); null = every token "
+        "(exact). `--sample-top-k` of generate / evaluate overrides it on a merged chain.",
     )
     sample_estimate: Literal["mean", "argmax", "sample"] = _field(
         "mean",
@@ -413,6 +438,7 @@ def _section_from_dict(cls: type, data: Any, where: str, section: str) -> Any:
 # default may differ): (section, key) -> value. frozen_config_from_dict applies them to a run's own records.
 ADDED_FIELDS: dict[tuple[str, str], Any] = {
     ("diffusion", "prior_loss"): 0.0,  # runs before the prior term trained the posterior CE alone
+    ("model", "block"): "two_stream",  # runs before the single-stream block had the two-stream one
 }
 
 
@@ -546,7 +572,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             "ffn_hidden",
             "target_dim",
         ),
-        "diffusion": ("sample_steps",),
+        "diffusion": ("sample_steps", "sample_top_k"),
         "data": ("max_documents", "tokenizer_train_chars", "document_chars"),
     }
     for section, keys in positive.items():

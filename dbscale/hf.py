@@ -170,7 +170,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, blocks: bool = False, log
     from safetensors.torch import save_file
 
     from dbscale.models.layers import zero_init_adaln
-    from dbscale.models.llama import DenoiserBlock, LlamaLM
+    from dbscale.models.llama import LlamaLM, denoiser_block
     from dbscale.run import open_run
 
     hf_dir = Path(hf_dir)
@@ -218,7 +218,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, blocks: bool = False, log
         table = run.load_target_embedding()
         for b, n in enumerate(run.config.layer_allocation()):
             torch.manual_seed(run.config.train.seed + 1000 + b)
-            block = DenoiserBlock(m, run.vocab_size, n, run.config.diffusion.sigma_data, table)
+            block = denoiser_block(m, run.vocab_size, n, run.config.diffusion.sigma_data, table)
             zero_init_adaln(block.layers, gate=1.0)  # adaLN-Zero would switch the pretrained layers off
             state = block.state_dict()
             if m.context_embedding == "learned":
@@ -227,7 +227,10 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, blocks: bool = False, log
                 for k, v in e2e.items():
                     if k.startswith(f"layers.{offset + i}."):
                         state[f"layers.{i}." + k.split(".", 2)[2]] = v
-            if m.embed_dim == m.d_model and m.head == "learned":  # the head reads the target space; reuse it
+            if m.block == "stream":  # an LM's norm and head over d: the pretrained readout of its last layer
+                state["norm.weight"] = e2e["norm.weight"]
+                state["lm_head.weight"] = e2e["lm_head.weight"]
+            elif m.embed_dim == m.d_model and m.head == "learned":  # the head reads the target space; reuse it
                 state["norm.weight"] = e2e["norm.weight"]
                 state["lm_head.weight"] = e2e["lm_head.weight"]
                 if m.readout == "posterior":  # head(norm(h)): the pretrained readout of the block's last layer

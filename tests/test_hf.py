@@ -143,6 +143,35 @@ def test_import_initialises_baseline_and_blocks(trained_baseline, tmp_path):
     trainer.close()
 
 
+def test_import_gives_a_sigma_free_block_the_pretrained_layers_as_its_prior(trained_baseline, tmp_path):
+    """A sigma-free single-stream block imported from layer 1 of an HF Llama is that layer between the
+    pretrained embedding, final norm and head: its prior equals a one-layer LM built from those weights."""
+    import dataclasses
+
+    from dbscale.config import config_from_dict
+    from dbscale.hf import load_init_weights
+    from dbscale.models.llama import StreamBlock
+
+    run, merged = trained_baseline
+    hf_dir = export_hf(merged, tmp_path / "hf")
+    data = run.config.to_dict()
+    data["data"]["tokenizer_model"] = str(hf_dir / "tokenizer.model")
+    data["model"].update(block="stream", time_conditioning=False)
+    target = prepare_run(config_from_dict(data), tmp_path / "target", log=lambda *a: None)
+    import_hf(hf_dir, target.root, blocks=True, log=lambda *a: None)
+    m = target.config.model
+    block = StreamBlock(m, target.vocab_size, 1, 0.5, target.load_target_embedding()).eval()
+    block.load_state_dict(load_init_weights(target, 1), strict=True)
+    e2e = load_init_weights(target, None)
+    one_layer = {k.replace("layers.1.", "layers.0."): v for k, v in e2e.items() if not k.startswith("layers.0.")}
+    lm = LlamaLM(dataclasses.replace(m, n_layers=1), target.vocab_size).eval()
+    lm.load_state_dict({k: v for k, v in one_layer.items() if not k.startswith("layers.") or k[7] == "0"})
+    tokens = torch.randint(0, target.vocab_size, (1, 6))
+    with torch.no_grad():
+        _, prior = block(tokens, torch.zeros(1, 6, m.embed_dim), torch.tensor([1.0]), with_evidence=False)
+        torch.testing.assert_close(prior, lm(tokens))
+
+
 def test_import_errors(trained_baseline, tmp_path):
     run, merged = trained_baseline
     hf_dir = export_hf(merged, tmp_path / "hf")

@@ -46,6 +46,11 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--sample-steps", type=int, help="chains: sampler steps per token (default: one per block; >= num_blocks)"
     )
+    p.add_argument(
+        "--sample-top-k",
+        type=int,
+        help="chains of sigma-free blocks: sample among the union of the blocks' top-k prior tokens",
+    )
     p.add_argument("--out", help="write the JSON here (default: stdout only)")
 
 
@@ -77,7 +82,15 @@ def execute(args, p) -> int:
         p.error("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.sample_steps is not None and args.sample_steps < 1:
         p.error("--sample-steps must be >= 1 (and at least the chain's number of blocks)")
-    sampler = {k: v for k, v in (("estimate", args.estimate), ("step", args.step), ("steps", args.sample_steps)) if v}
+    if args.sample_top_k is not None and args.sample_top_k < 1:
+        p.error("--sample-top-k must be >= 1")
+    chosen = (
+        ("estimate", args.estimate),
+        ("step", args.step),
+        ("steps", args.sample_steps),
+        ("top_k", args.sample_top_k),
+    )
+    sampler = {k: v for k, v in chosen if v}
     models = [(m, sampler) for m in [args.model, *args.compare]]
     report = evaluate(models, args.data, settings, judge=args.judge, log=lambda m: print(m, file=sys.stderr))
     report = {"command": invocation(), **report}

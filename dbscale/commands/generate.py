@@ -64,6 +64,11 @@ def add_arguments(p) -> None:
         type=int,
         help="DiffusionBlocks chain: sampler steps per token (default: diffusion.sample_steps, one per block)",
     )
+    p.add_argument(
+        "--sample-top-k",
+        type=int,
+        help="DiffusionBlocks chain of sigma-free blocks: sample among the union of the blocks' top-k prior tokens",
+    )
     p.add_argument("--format", choices=["text", "jsonl"], default="text", help="output format")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where the model runs")
     p.add_argument("--heldout", metavar="RUN", help="also report teacher-forced CE/accuracy on RUN's validation split")
@@ -100,11 +105,17 @@ def execute(args, p) -> int:
     from dbscale.merge import load_merged
 
     model, tokenizer, manifest = load_merged(args.model, args.device)
-    if args.estimate or args.step or args.sample_steps is not None:
+    if args.estimate or args.step or args.sample_steps is not None or args.sample_top_k is not None:
         if manifest["kind"] != "blocks" or not hasattr(model, "estimate"):
             raise GenerationError(
-                f"--estimate, --step and --sample-steps choose how a Gaussian chain samples; {args.model} is not one."
+                f"--estimate, --step, --sample-steps and --sample-top-k choose how a Gaussian chain samples; "
+                f"{args.model} is not one."
             )
+        if args.sample_top_k is not None:
+            try:
+                model.set_top_k(args.sample_top_k)
+            except ValueError as e:
+                raise GenerationError(f"--sample-top-k {args.sample_top_k}: {e} ({args.model}).") from None
         model.estimate, model.step = args.estimate or model.estimate, args.step or model.step
         if args.sample_steps is not None:
             try:

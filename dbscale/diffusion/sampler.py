@@ -67,15 +67,23 @@ def clean_estimate(
     top_p: float = 1.0,
     u: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The estimate of the clean target (..., e) from a step's logits (..., V) over the table E (V, e)."""
+    """The estimate of the clean target (..., e) from a step's logits (..., V) over the table E (V, e), or over
+    per-row tables (..., V', e) (a sampler restricted to candidate tokens: row r's logits index its own table)."""
+    per_row = table.dim() > 2
     if kind == "mean":  # probabilities in fp32; the product in the table's dtype (bf16 weights: bf16), result fp32
         probs = logits.float().softmax(-1)
+        if per_row:
+            return (probs.to(table.dtype).unsqueeze(-2) @ table).squeeze(-2).to(probs.dtype)
         return (probs.to(table.dtype) @ table).to(probs.dtype)
     if kind == "argmax" or temperature <= 0:
-        return table[logits.argmax(-1)]
-    if kind == "sample":
-        return table[draw_tokens(logits, temperature, top_p, u)]
-    raise ValueError(f"unknown estimate '{kind}' (one of {ESTIMATES})")
+        index = logits.argmax(-1)
+    elif kind == "sample":
+        index = draw_tokens(logits, temperature, top_p, u)
+    else:
+        raise ValueError(f"unknown estimate '{kind}' (one of {ESTIMATES})")
+    if per_row:
+        return table.gather(-2, index[..., None, None].expand(*index.shape, 1, table.shape[-1])).squeeze(-2)
+    return table[index]
 
 
 def sample_chain(

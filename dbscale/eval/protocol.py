@@ -162,7 +162,13 @@ def evaluate(
                     model.set_sample_steps(sampler["steps"])
                 except ValueError as e:
                     raise GenerationError(f"{model_dir}: {e}.") from None
+            if sampler.get("top_k") is not None:
+                try:
+                    model.set_top_k(sampler["top_k"])
+                except ValueError as e:
+                    raise GenerationError(f"{model_dir}: {e}.") from None
             sampler = {"estimate": model.estimate, "step": model.step, "steps": len(model.sigmas)}
+            sampler["top_k"] = getattr(model, "top_k", None)
         else:
             sampler = None  # a plain LM has no chain sampler: the spec's settings do not apply to it
         log(f"[evaluate] {label} ({model_dir}): sampling {len(prompts)} x {s.samples_per_prompt} continuations")

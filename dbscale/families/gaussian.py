@@ -29,6 +29,25 @@ class GaussianFamily(Family):
         d = cfg.diffusion
         if d.t_boundaries is not None:
             fail("diffusion.t_boundaries", "is read by the masked family only; remove it.")
+        m = cfg.model
+        if d.sigma_draw == "position" and not (
+            self.name == "llama" and m.block == "stream" and not m.time_conditioning
+        ):
+            fail(
+                "diffusion.sigma_draw",
+                "'position' needs the sigma-free block (model.block: stream, model.time_conditioning: false), whose "
+                "layers never read sigma; a noise-conditioned block sees one sigma per sequence. Fix: sigma_draw: "
+                "sequence, or switch to the sigma-free block.",
+            )
+        if d.sample_top_k is not None and not (
+            self.name == "llama" and m.block == "stream" and not m.time_conditioning
+        ):
+            fail(
+                "diffusion.sample_top_k",
+                "restricts the sampler to the blocks' top-k prior tokens, which needs the sigma-free block "
+                "(model.block: stream, model.time_conditioning: false), whose priors are known before the chain "
+                "runs. Fix: remove it, or switch to the sigma-free block.",
+            )
         if d.noisy_fraction != 1 and not self.denoiser_blocks:
             fail("diffusion.noisy_fraction", f"the '{self.name}' family's blocks train on every position; remove it.")
         if d.partition == "calibrated" and d.boundaries is None and not self.calibratable:
@@ -65,9 +84,11 @@ class GaussianFamily(Family):
             return ()
         d = job.cfg.diffusion
         g = torch.Generator().manual_seed(noise_seed)
-        sigma = sample_truncated_lognormal(len(window), *job.interval, d.P_mean, d.P_std, generator=g)
-        g_dev = torch.Generator(device=window.device).manual_seed(noise_seed)  # noise is drawn where it is used
         shape = (len(window), window.shape[1] - 1, job.cfg.model.embed_dim)
+        draws = shape[0] * shape[1] if d.sigma_draw == "position" else shape[0]  # (B, T) or (B,)
+        sigma = sample_truncated_lognormal(draws, *job.interval, d.P_mean, d.P_std, generator=g).view(shape[0], -1)
+        sigma = sigma.squeeze(1) if d.sigma_draw == "sequence" else sigma
+        g_dev = torch.Generator(device=window.device).manual_seed(noise_seed)  # noise is drawn where it is used
         noise = torch.randn(shape, generator=g_dev, device=window.device)
         if d.noisy_fraction == 1:
             return sigma.float().to(window.device), noise

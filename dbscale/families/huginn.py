@@ -17,6 +17,12 @@ class HuginnFamily(GaussianFamily):
     def validate(self, cfg, fail) -> None:
         super().validate(cfg, fail)
         m, d = cfg.model, cfg.diffusion
+        if m.block != "two_stream":
+            fail(
+                "model.block",
+                f"'{m.block}': the Huginn diffusion core is a two-stream block over its prelude's features (the "
+                "single-stream core is not built yet). Fix: remove model.block, or set it to two_stream.",
+            )
         parts = (m.prelude_layers, m.core_layers, m.coda_layers)
         if min(parts) < 1 or sum(parts) != m.n_layers:
             fail(

@@ -17,16 +17,17 @@ class LlamaFamily(GaussianFamily):
     def validate(self, cfg, fail) -> None:
         super().validate(cfg, fail)
         check_layer_split(cfg, fail)
+        check_block_layout(cfg.model, fail)
 
     def build(self, job: Job):
-        from dbscale.models.llama import DenoiserBlock, LlamaLM, block_reads_table
+        from dbscale.models.llama import LlamaLM, block_reads_table, denoiser_block
 
         cfg = job.cfg
         if not job.is_block:
             return LlamaLM(cfg.model, job.vocab_size)
         table = job.extras["table"] if block_reads_table(cfg.model) else None
         n_layers = job.extras.get("layers") or self.layer_allocation(cfg)[job.block]
-        return DenoiserBlock(cfg.model, job.vocab_size, n_layers, cfg.diffusion.sigma_data, table)
+        return denoiser_block(cfg.model, job.vocab_size, n_layers, cfg.diffusion.sigma_data, table)
 
     def build_merged(self, cfg, vocab_size: int, manifest: dict, state: dict[str, torch.Tensor]) -> tuple:
         from dbscale.models.llama import DiffusionBlocksLM, LlamaLM
@@ -37,13 +38,37 @@ class LlamaFamily(GaussianFamily):
         return LlamaLM(cfg.model, vocab_size), state
 
     def dry_run_models(self, cfg, vocab_size: int):
-        from dbscale.models.llama import DenoiserBlock, LlamaLM
+        from dbscale.models.llama import LlamaLM, denoiser_block
 
         table = torch.empty(vocab_size, cfg.model.embed_dim)
         blocks = [
-            DenoiserBlock(cfg.model, vocab_size, n, cfg.diffusion.sigma_data, table) for n in self.layer_allocation(cfg)
+            denoiser_block(cfg.model, vocab_size, n, cfg.diffusion.sigma_data, table)
+            for n in self.layer_allocation(cfg)
         ]
         return LlamaLM(cfg.model, vocab_size), blocks
+
+
+# The two-stream block's design switches and the only value the single-stream block has for each (its noisy
+# target enters through the exact posterior readout alone, docs/METHOD.md 5c).
+STREAM_FIXED = {"noisy_input": "token", "readout": "posterior", "readout_init": "normal", "head": "learned"}
+
+
+def check_block_layout(m, fail) -> None:
+    """model.block against the switches that only one layout reads."""
+    if m.block == "stream":
+        for key, value in STREAM_FIXED.items():
+            if getattr(m, key) != value:
+                fail(
+                    f"model.{key}",
+                    f"'{getattr(m, key)}' is a two-stream block's setting; the single-stream block (model.block: "
+                    f"stream) has {key} '{value}' only. Fix: remove model.{key}, or set model.block: two_stream.",
+                )
+    elif not m.time_conditioning:
+        fail(
+            "model.time_conditioning",
+            "false makes the single-stream block sigma-free; the two-stream block is always noise-conditioned. "
+            "Fix: set model.block: stream, or remove model.time_conditioning.",
+        )
 
 
 def check_layer_split(cfg, fail) -> None:

@@ -103,73 +103,26 @@ class LlamaLM(nn.Module):
 
 def block_reads_table(cfg: ModelConfig) -> bool:
     """Whether a denoiser block needs the run's frozen target table at run time (beyond its noisy targets)."""
-    return "target" in (cfg.head, cfg.context_embedding) or cfg.readout == "posterior"
+    return cfg.block == "stream" or "target" in (cfg.head, cfg.context_embedding) or cfg.readout == "posterior"
 
 
 def block_has_prior(cfg: ModelConfig) -> bool:
     """Whether a denoiser block's logits split into a context-only prior plus the evidence of z (the posterior
-    readout), so that diffusion.prior_loss can train the prior on its own."""
-    return cfg.readout == "posterior"
+    readout; the single-stream block always), so that diffusion.prior_loss can train the prior on its own."""
+    return cfg.block == "stream" or cfg.readout == "posterior"
 
 
-class DenoiserBlock(nn.Module):
-    """One DiffusionBlocks block of the AR family: `n_layers` AdaLN layers plus its own context embedding,
-    time embedder, input projection, readout, final norm and head. Knows nothing about other blocks.
+def denoiser_block(
+    cfg: ModelConfig, vocab_size: int, n_layers: int, sigma_data: float, table: torch.Tensor | None
+) -> nn.Module:
+    """The AR denoiser block that model.block names."""
+    cls = StreamBlock if cfg.block == "stream" else DenoiserBlock
+    return cls(cfg, vocab_size, n_layers, sigma_data, table)
 
-    The design elements a config switches (model.noisy_input, readout, readout_init, adaln_gate_init) are
-    described in ModelConfig; the paper's block is noisy_input 'z', readout 'edm', both inits 'zero'.
-    The frozen target table (`target_embedding`) is required when the head, the context embedding or the
-    posterior readout read it; it is kept as a non-persistent buffer (it belongs to the run, not the block)."""
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        vocab_size: int,
-        n_layers: int,
-        sigma_data: float,
-        target_embedding: torch.Tensor | None = None,
-        context_features: bool = False,
-        sandwich: bool = False,
-    ):
-        super().__init__()
-        self.cfg, self.vocab_size, self.sigma_data = cfg, vocab_size, sigma_data
-        # context_features: the caller passes the clean context as (B, Tc, d) features (Huginn's prelude output)
-        self.context_features = context_features
-        d, e = cfg.d_model, cfg.embed_dim
-        if block_reads_table(cfg):
-            if target_embedding is None or tuple(target_embedding.shape) != (vocab_size, e):
-                got = None if target_embedding is None else tuple(target_embedding.shape)
-                raise ValueError(
-                    f"head/context 'target' or readout 'posterior' needs the ({vocab_size}, {e}) target table, "
-                    f"got {got}"
-                )
-            self.register_buffer("target_table", target_embedding, persistent=False)
-        else:
-            self.target_table = None
-        if context_features:
-            pass
-        elif cfg.context_embedding == "learned":
-            self.embed_tokens = nn.Embedding(vocab_size, d)  # the clean context
-        else:
-            self.ctx_proj = nn.Linear(e, d, bias=False)  # the clean context, read from the frozen table
-        # c_in * z_sigma -> hidden (the paper's noisy input; absent with noisy_input 'token')
-        self.in_proj = nn.Linear(e, d, bias=False) if "z" in cfg.noisy_input else None
-        self.time_embed = TimestepEmbedder(d, cfg.time_freq_dim)
-        self.layers = nn.ModuleList(TransformerLayer(cfg, adaln=True, sandwich=sandwich) for _ in range(n_layers))
-        self.out_proj = nn.Linear(d, e, bias=False)  # F: hidden -> target space
-        self.norm = RMSNorm(e, cfg.norm_eps)
-        self.final_adaLN = nn.Linear(d, 2 * e)
-        self.lm_head = Head(e, vocab_size, cfg.head)  # 'target' heads start at zero either way
-        self.activation_checkpointing = False
-        init_weights(self, cfg.init_std)
-        zero_init_adaln(self.layers, gate=1.0 if cfg.adaln_gate_init == "one" else 0.0)
-        zeros = [self.final_adaLN]  # the final modulation starts as the identity either way
-        if cfg.readout_init == "zero":  # the paper: a fresh block returns D = c_skip*z and a uniform prediction
-            zeros += [self.out_proj] + ([self.lm_head] if cfg.head == "learned" else [])
-        for zero in zeros:
-            nn.init.zeros_(zero.weight)
-            if getattr(zero, "bias", None) is not None:
-                nn.init.zeros_(zero.bias)
+class _BlockInputs(nn.Module):
+    """What both AR block layouts derive from their inputs: the clean context's embedding and the noise level's
+    conditioning (needs `time_embed`, `layers` and `final_adaLN`)."""
 
     def time_conditioning(self, c_noise: torch.Tensor, cache: KVCache | None = None) -> tuple[list, tuple]:
         """What the block derives from its noise level alone: every layer's adaLN modulation and the final
@@ -194,6 +147,68 @@ class DenoiserBlock(nn.Module):
         if self.cfg.context_embedding == "learned":
             return self.embed_tokens(tokens)
         return self.ctx_proj(self.target_table[tokens].to(self.ctx_proj.weight.dtype))
+
+    def _context_input(self, cfg: ModelConfig, vocab_size: int, context_features: bool) -> None:
+        self.context_features = context_features  # the caller passes (B, Tc, d) features (Huginn's prelude output)
+        if context_features:
+            pass
+        elif cfg.context_embedding == "learned":
+            self.embed_tokens = nn.Embedding(vocab_size, cfg.d_model)  # the clean context
+        else:
+            self.ctx_proj = nn.Linear(cfg.embed_dim, cfg.d_model, bias=False)  # read from the frozen table
+
+
+class DenoiserBlock(_BlockInputs):
+    """One DiffusionBlocks block of the AR family: `n_layers` AdaLN layers plus its own context embedding,
+    time embedder, input projection, readout, final norm and head. Knows nothing about other blocks.
+
+    The design elements a config switches (model.noisy_input, readout, readout_init, adaln_gate_init) are
+    described in ModelConfig; the paper's block is noisy_input 'z', readout 'edm', both inits 'zero'.
+    The frozen target table (`target_embedding`) is required when the head, the context embedding or the
+    posterior readout read it; it is kept as a non-persistent buffer (it belongs to the run, not the block)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        n_layers: int,
+        sigma_data: float,
+        target_embedding: torch.Tensor | None = None,
+        context_features: bool = False,
+        sandwich: bool = False,
+    ):
+        super().__init__()
+        self.cfg, self.vocab_size, self.sigma_data = cfg, vocab_size, sigma_data
+        d, e = cfg.d_model, cfg.embed_dim
+        if block_reads_table(cfg):
+            if target_embedding is None or tuple(target_embedding.shape) != (vocab_size, e):
+                got = None if target_embedding is None else tuple(target_embedding.shape)
+                raise ValueError(
+                    f"head/context 'target' or readout 'posterior' needs the ({vocab_size}, {e}) target table, "
+                    f"got {got}"
+                )
+            self.register_buffer("target_table", target_embedding, persistent=False)
+        else:
+            self.target_table = None
+        self._context_input(cfg, vocab_size, context_features)
+        # c_in * z_sigma -> hidden (the paper's noisy input; absent with noisy_input 'token')
+        self.in_proj = nn.Linear(e, d, bias=False) if "z" in cfg.noisy_input else None
+        self.time_embed = TimestepEmbedder(d, cfg.time_freq_dim)
+        self.layers = nn.ModuleList(TransformerLayer(cfg, adaln=True, sandwich=sandwich) for _ in range(n_layers))
+        self.out_proj = nn.Linear(d, e, bias=False)  # F: hidden -> target space
+        self.norm = RMSNorm(e, cfg.norm_eps)
+        self.final_adaLN = nn.Linear(d, 2 * e)
+        self.lm_head = Head(e, vocab_size, cfg.head)  # 'target' heads start at zero either way
+        self.activation_checkpointing = False
+        init_weights(self, cfg.init_std)
+        zero_init_adaln(self.layers, gate=1.0 if cfg.adaln_gate_init == "one" else 0.0)
+        zeros = [self.final_adaLN]  # the final modulation starts as the identity either way
+        if cfg.readout_init == "zero":  # the paper: a fresh block returns D = c_skip*z and a uniform prediction
+            zeros += [self.out_proj] + ([self.lm_head] if cfg.head == "learned" else [])
+        for zero in zeros:
+            nn.init.zeros_(zero.weight)
+            if getattr(zero, "bias", None) is not None:
+                nn.init.zeros_(zero.bias)
 
     def forward(
         self,
@@ -274,6 +289,124 @@ class DenoiserBlock(nn.Module):
         return D, self.lm_head(h_out, targets, ce_chunk, self.target_table)
 
 
+class StreamBlock(_BlockInputs):
+    """The single-stream AR denoiser block (model.block 'stream', docs/METHOD.md 5c): `n_layers` layers over the
+    clean tokens x_0..x_{T-1}, as a causal LM; row i-1's output through the final norm and the head is the prior
+    logits for x_i, and the head adds the exact Gaussian evidence of that position's noisy target,
+    logits_i = prior_i + <z_i, E_v> / sigma_i^2. z enters nowhere else, so nothing is computed twice.
+
+    Noise-conditioned (model.time_conditioning true): adaLN layers and final norm from sigma (one per sequence).
+    Sigma-free (false): the plain pre-norm layers of the end-to-end LM; the prior is the same at every sigma, so
+    sigma may be drawn per position and the sampler runs the layers once per token (`sigma_free`)."""
+
+    single_stream = True
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        n_layers: int,
+        sigma_data: float,
+        target_embedding: torch.Tensor | None = None,
+        context_features: bool = False,
+        sandwich: bool = False,
+    ):
+        super().__init__()
+        self.cfg, self.vocab_size, self.sigma_data = cfg, vocab_size, sigma_data
+        d, e = cfg.d_model, cfg.embed_dim
+        if target_embedding is None or tuple(target_embedding.shape) != (vocab_size, e):
+            got = None if target_embedding is None else tuple(target_embedding.shape)
+            raise ValueError(
+                f"the single-stream block's evidence needs the ({vocab_size}, {e}) target table, got {got}"
+            )
+        self.register_buffer("target_table", target_embedding, persistent=False)
+        self._context_input(cfg, vocab_size, context_features)
+        self.sigma_free = not cfg.time_conditioning
+        if not self.sigma_free:
+            self.time_embed = TimestepEmbedder(d, cfg.time_freq_dim)
+        adaln = not self.sigma_free
+        self.layers = nn.ModuleList(TransformerLayer(cfg, adaln=adaln, sandwich=sandwich) for _ in range(n_layers))
+        self.norm = RMSNorm(d, cfg.norm_eps)
+        self.final_adaLN = None if self.sigma_free else nn.Linear(d, 2 * d)
+        self.lm_head = Head(d, vocab_size)
+        self.activation_checkpointing = False
+        init_weights(self, cfg.init_std)
+        if adaln:
+            zero_init_adaln(self.layers, gate=1.0 if cfg.adaln_gate_init == "one" else 0.0)
+            nn.init.zeros_(self.final_adaLN.weight)  # the final modulation starts as the identity
+            nn.init.zeros_(self.final_adaLN.bias)
+
+    def hidden(
+        self,
+        clean_tokens: torch.Tensor,
+        sigma: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The normed (and, noise-conditioned, modulated) last-layer states (B, Tc, d) of the clean tokens
+        (B, Tc) ids or (B, Tc, d) features; row j reads x_0..x_j and gives the prior for x_{j+1}. With a cache,
+        the tokens are appended to it. sigma (B,) is read only by a noise-conditioned block."""
+        B, Tc = clean_tokens.shape[:2]
+        x = self.embed_context(clean_tokens)
+        if positions is None:
+            positions = torch.arange(Tc, device=x.device)
+        mods, shift, scale = None, 0.0, 0.0
+        if not self.sigma_free:
+            if sigma is None or sigma.dim() != 1:
+                raise ValueError("a noise-conditioned block takes one sigma per sequence, (B,)")
+            c_noise = edm_precond(at_least_fp32(sigma), self.sigma_data)[3]
+            mods, (shift, scale) = self.time_conditioning(c_noise, cache)
+        mask = None
+        if cache is not None:
+            key_pos = positions if cache.positions is None else torch.cat([cache.positions, positions])
+            mask = stream_attention_mask(key_pos, torch.ones_like(key_pos, dtype=torch.bool), Tc)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        h = run_layers(self.layers, x, cos, sin, mask, None, cache, Tc, self.activation_checkpointing, mods)
+        if cache is not None:
+            cache.positions = key_pos
+        h = self.norm(h)
+        return h if self.sigma_free else modulate(h, shift, scale)
+
+    def evidence(self, z: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z / sigma^2, E) for the head: the Gaussian log-likelihood <z, E_v> / sigma^2 of each target row
+        (unit-norm rows, so the rest of log N(z; E_v, sigma^2 I) is the same for every v). sigma: (B,) or (B, Tn)."""
+        z = at_least_fp32(z)
+        sigma2 = at_least_fp32(sigma).reshape(z.shape[0], -1, 1) ** 2
+        return z / sigma2, self.target_table
+
+    def posterior_logits(self, prior: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """prior (B, Tn, V) + the evidence of z (B, Tn, e) at sigma, in fp32 (the sampler's steps after the
+        block's first reuse one prior)."""
+        u, E = self.evidence(z, sigma)
+        return at_least_fp32(prior) + F.linear(u, E.to(u.dtype))
+
+    def forward(
+        self,
+        clean_tokens: torch.Tensor,
+        z: torch.Tensor,
+        sigma: torch.Tensor,
+        clean_pos: torch.Tensor | None = None,
+        noisy_pos: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
+        ce_chunk: int = 0,
+        prior_ce: bool = False,
+        with_evidence: bool = True,
+        follows: torch.Tensor | None = None,
+    ) -> tuple[None, torch.Tensor]:
+        """As DenoiserBlock.forward (posterior readout), so both layouts train and sample through one interface.
+        sigma: (B,), or (B, Tn) for the sigma-free block. The noisy target of position i is read at clean row
+        i-1: `follows` (Tn,) indexes those rows (default: the last Tn), so noisy_pos is implied and not read."""
+        Tc, Tn = clean_tokens.shape[1], z.shape[1]
+        if Tc < Tn:
+            raise ValueError(f"{Tn} noisy positions follow {Tc} clean tokens")
+        per_sequence = sigma if sigma.dim() == 1 else None
+        h = self.hidden(clean_tokens, per_sequence, clean_pos, cache)
+        h = h[:, Tc - Tn :] if follows is None else h[:, follows]
+        evidence = self.evidence(z, sigma) if with_evidence else None
+        return None, self.lm_head(h, targets, ce_chunk, None, evidence, prior_ce)
+
+
 def lm_loss(model: nn.Module, window: torch.Tensor, ce_chunk: int = 0) -> torch.Tensor:
     """Mean next-token cross-entropy (nats) of a causal LM (or its DeepSpeed engine) on (B, T+1) windows."""
     return model(window[:, :-1], targets=window[:, 1:], ce_chunk=ce_chunk).mean()
@@ -293,7 +426,8 @@ def denoiser_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-block objective (paper Eq. 6 with a cross-entropy readout, docs/METHOD.md 4 and 5b).
 
-    window: (B, T+1) ids; sigma: (B,) one noise level per sequence; noise: (B, T, e) ~ N(0, I).
+    window: (B, T+1) ids; sigma: (B,) one noise level per sequence, or (B, T) one per target
+    (diffusion.sigma_draw 'position'); noise: (B, T, e) ~ N(0, I).
     prior_weight > 0 (diffusion.prior_loss; posterior readout only) adds prior_weight * the mean CE of the
     block's prior logits, its context-only prediction, unweighted by sigma.
     positions (k,) ascending indices into the T targets (diffusion.noisy_fraction): only those are noised and
@@ -304,8 +438,9 @@ def denoiser_loss(
     extra = {"prior_ce": True} if prior_weight > 0 else {}  # (a family's own block need not know the keyword)
     if positions is not None:  # noisy position p + 1 follows clean token p
         targets, noise = targets[:, positions], noise[:, positions]
+        sigma = sigma if sigma.dim() == 1 else sigma[:, positions]
         extra.update(noisy_pos=positions + 1, follows=positions)
-    z = target_embedding[targets] + sigma.view(-1, 1, 1) * noise
+    z = target_embedding[targets] + sigma.reshape(sigma.shape[0], -1, 1) * noise
     _, token_ce = block(window[:, :-1], z, sigma, targets=targets, ce_chunk=ce_chunk, **extra)
     token_ce = at_least_fp32(token_ce)
     prior = 0.0
@@ -313,8 +448,11 @@ def denoiser_loss(
         token_ce, prior_ce = token_ce[..., 0], token_ce[..., 1]
         prior = prior_weight * prior_ce.mean()
     ce = token_ce.mean(dim=1)
-    weight = edm_loss_weight(at_least_fp32(sigma), sigma_data) if weighting == "edm" else torch.ones_like(ce)
-    return (weight * ce).mean() + prior, ce.detach()
+    if weighting != "edm":
+        return ce.mean() + prior, ce.detach()
+    weight = edm_loss_weight(at_least_fp32(sigma), sigma_data)  # (B,), or (B, Tn) for sigma per position
+    weighted = (weight * ce).mean() if weight.dim() == 1 else (weight * token_ce).mean()
+    return weighted + prior, ce.detach()
 
 
 class DiffusionBlocksLM(nn.Module):
@@ -337,6 +475,7 @@ class DiffusionBlocksLM(nn.Module):
         self.partition = partition or Partition.from_config(d)
         self.set_sample_steps(None)
         self.estimate, self.step = d.sample_estimate, d.sample_step
+        self.top_k = d.sample_top_k  # sigma-free chains: generation over the union of the blocks' top-k priors
 
     def set_sample_steps(self, num_steps: int | None) -> None:
         """Sampler steps per token: equal steps of the partition's schedule, each served by the block whose
@@ -351,7 +490,22 @@ class DiffusionBlocksLM(nn.Module):
 
     @staticmethod
     def make_block(cfg: Config, vocab_size: int, n_layers: int, table: torch.Tensor) -> nn.Module:
-        return DenoiserBlock(cfg.model, vocab_size, n_layers, cfg.diffusion.sigma_data, table)
+        return denoiser_block(cfg.model, vocab_size, n_layers, cfg.diffusion.sigma_data, table)
+
+    @property
+    def sigma_free(self) -> bool:
+        """Every block's prior ignores sigma (the sigma-free single-stream block): one KV cache and one pass of
+        its layers per block and token, and each sampler step adds its own evidence to its block's prior."""
+        return all(getattr(block, "sigma_free", False) for block in self.blocks)
+
+    def priors(self, context: list[torch.Tensor], clean_pos=None, cache=None, last: bool = False) -> list:
+        """Sigma-free blocks: each block's prior logits for the clean tokens context[b] (B, Tc) (cache: one
+        per block), (B, Tc, V), or only the last row's (B, 1, V)."""
+        out = []
+        for b, block in enumerate(self.blocks):
+            h = block.hidden(context[b], None, clean_pos, None if cache is None else cache[b])
+            out.append(block.lm_head(h[:, -1:] if last else h))
+        return out
 
     def default_steps(self) -> int:
         """Sampler steps per token: diffusion.sample_steps, or one per block (the paper's AR setting)."""
@@ -362,6 +516,8 @@ class DiffusionBlocksLM(nn.Module):
         return self.cfg.model.seq_len
 
     def new_cache(self) -> list[KVCache]:
+        if self.sigma_free:  # one per block: its layers never see sigma
+            return [KVCache() for _ in self.blocks]
         return [KVCache() for _ in self.sigmas]  # one per step: each step runs at one fixed sigma
 
     def context_inputs(self, cache, new_tokens: torch.Tensor, clean_pos: torch.Tensor) -> list[torch.Tensor]:
@@ -386,11 +542,35 @@ class DiffusionBlocksLM(nn.Module):
         draws = [self.position_draws(seed, position) for seed in seeds]
         return tuple(torch.stack(x)[:, None] for x in zip(*draws, strict=True))
 
-    def run_chain(self, call_block, z, u, noise, temperature: float, top_p: float, on_step=None) -> torch.Tensor:
+    def set_top_k(self, k: int | None) -> None:
+        """Generate over the union of the blocks' k most likely prior tokens (None: over every token)."""
+        if k is not None and (k < 1 or not self.sigma_free):
+            raise ValueError(
+                f"a top-k sampler needs k >= 1 (got {k}) and a chain of sigma-free blocks "
+                f"(model.block stream, model.time_conditioning false; this chain's: {self.cfg.model.block}, "
+                f"time_conditioning {self.cfg.model.time_conditioning})"
+            )
+        self.top_k = k
+
+    def candidates(self, priors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The tokens a top-k chain (self.top_k) samples among: the union of every block's k most likely prior
+        tokens. priors: each block's (..., V) logits. Returns the ids (..., B k), sorted, and each block's prior
+        logits over them in fp32, a repeated id at -inf (so it adds no probability). With k = V the chain over
+        them is the exact one."""
+        k = min(self.top_k, self.vocab_size)
+        ids = torch.cat([p.topk(k, dim=-1).indices for p in priors], dim=-1).sort(dim=-1).values
+        repeat = torch.zeros_like(ids, dtype=torch.bool)
+        repeat[..., 1:] = ids[..., 1:] == ids[..., :-1]
+        return ids, [p.float().gather(-1, ids).masked_fill(repeat, float("-inf")) for p in priors]
+
+    def run_chain(
+        self, call_block, z, u, noise, temperature: float, top_p: float, on_step=None, table=None
+    ) -> torch.Tensor:
         """The chain from z at sigma_max. call_block(step, block, z, sigma) -> logits; u (..., K) and noise
-        (..., K, e) are the per-position draws; on_step(step, block, sigma, logits) sees every step.
+        (..., K, e) are the per-position draws; on_step(step, block, sigma, logits) sees every step; table: the
+        rows the logits index (default: the whole target table; per-row (..., C, e) for candidate tokens).
         Returns the last step's logits."""
-        E, last = self.target_embedding, len(self.sigmas) - 1
+        E, last = (self.target_embedding if table is None else table), len(self.sigmas) - 1
 
         def denoise(step: int, block: int, z: torch.Tensor, sigma: float):
             logits = call_block(step, block, z, sigma)
@@ -421,13 +601,33 @@ class DiffusionBlocksLM(nn.Module):
         noisy_pos = torch.tensor([start + n], device=dev)
         z0, u, noise = (x.to(dev) for x in self.rows_draws(seeds, start + n))
         context = self.context_inputs(cache, new_tokens, clean_pos)
+        priors = self.priors(context, clean_pos, cache, last=True) if self.sigma_free else None
+        if priors is not None and self.top_k:
+            return self.top_k_chain(priors, z0, u, noise, temperature, top_p)[:, -1]
 
         def call_block(step: int, block: int, z: torch.Tensor, sigma: float) -> torch.Tensor:
             s = torch.full((R,), sigma, device=dev)
+            if priors is not None:
+                return self.blocks[block].posterior_logits(priors[block], z, s)
             return self.blocks[block](context[block], z, s, clean_pos, noisy_pos, cache[step])[1]
 
         logits = self.run_chain(call_block, z0, u, noise, temperature, top_p)
         return logits[:, -1]
+
+    def top_k_chain(self, priors, z, u, noise, temperature: float, top_p: float) -> torch.Tensor:
+        """The sigma-free chain over candidates(priors) (diffusion.sample_top_k): each step's evidence and clean
+        estimate cost C = B k rows of the table instead of V. Returns the last step's logits (..., V), -inf
+        outside the candidates."""
+        ids, cand_priors = self.candidates(priors)
+        table = self.target_embedding[ids]  # (..., C, e)
+
+        def call_block(step: int, block: int, z: torch.Tensor, sigma: float) -> torch.Tensor:
+            u_z = at_least_fp32(z) / sigma**2
+            return cand_priors[block] + (u_z.unsqueeze(-2) @ table.transpose(-1, -2).to(u_z.dtype)).squeeze(-2)
+
+        logits = self.run_chain(call_block, z, u, noise, temperature, top_p, table=table)
+        full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
+        return full.scatter_reduce(-1, ids, logits, reduce="amax")
 
     def window_draws(self, B: int, T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """position_draws for noisy positions 1..T of B windows, window b with seed + b: (B, T, e), (B, T, K),
@@ -456,7 +656,12 @@ class DiffusionBlocksLM(nn.Module):
         z0, u, noise = (x.to(window.device) for x in self.window_draws(B, T, seed))
         z = z0 if z is None else z.to(window.device)
 
+        priors = self.priors([context] * len(self.blocks)) if self.sigma_free else None
+
         def call_block(step: int, block: int, z: torch.Tensor, sigma: float) -> torch.Tensor:
-            return self.blocks[block](context, z, torch.full((B,), sigma, device=window.device))[1]
+            s = torch.full((B,), sigma, device=window.device)
+            if priors is not None:
+                return self.blocks[block].posterior_logits(priors[block], z, s)
+            return self.blocks[block](context, z, s)[1]
 
         return self.run_chain(call_block, z, u, noise, temperature, top_p, on_step)
