@@ -228,8 +228,9 @@ def chain_diagnostics(model, windows: np.ndarray, seed: int = 0) -> list[dict]:
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The ids a text prompt is generated from: EOS (the document separator seen in training), then the text."""
-    return [tokenizer.eos_id, *tokenizer.encode(prompt)]
+    """The ids a text prompt is generated from: the document separator seen in training (EOS for sentencepiece,
+    the space for the character tokenizer, which has no EOS), then the text."""
+    return [tokenizer.document_separator, *(int(i) for i in tokenizer.encode(prompt))]
 
 
 def generate_texts(model, tokenizer, prompts: list[str], seed: int = 0, batch_size: int = 64, **kw) -> list[dict]:
