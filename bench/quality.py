@@ -75,6 +75,9 @@ def main() -> int:
     p.add_argument("--samples-per-prompt", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=50)
     p.add_argument("--sample-steps", type=int, help="the chains' sampler steps per token (default: one per block)")
+    p.add_argument(
+        "--sample-top-k", type=int, help="chains of sigma-free blocks: evaluate's --sample-top-k (default: exact)"
+    )
     p.add_argument("--eval-seed", type=int, default=0, help="evaluate's --seed: which held-out prompts and draws")
     p.add_argument(
         "--baselines-from",
@@ -129,6 +132,7 @@ def main() -> int:
         "--seed",
         str(args.eval_seed),
         *(["--sample-steps", str(args.sample_steps)] if args.sample_steps else []),
+        *(["--sample-top-k", str(args.sample_top_k)] if args.sample_top_k else []),
         "--out",
         str(out),
     )
@@ -164,6 +168,7 @@ def main() -> int:
             "estimate": cfg.diffusion.sample_estimate,
             "step": cfg.diffusion.sample_step,
             "steps": args.sample_steps or default_num_steps(cfg.diffusion.num_blocks, cfg.diffusion.sample_steps),
+            "top_k": args.sample_top_k or cfg.diffusion.sample_top_k,
         },
         "eval_seed": args.eval_seed,
         "loss_weighting": cfg.diffusion.loss_weighting,

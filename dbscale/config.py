@@ -189,6 +189,8 @@ class DiffusionConfig:
         "denoises, a random subset drawn per micro-batch and shared by its sequences; the clean stream still "
         "covers every position. 1 = every position (the paper). At f < 1 a block step runs its layers over "
         "(1 + f) T tokens instead of 2T and its head over f T: less compute per step, fewer targets per step. "
+        "The single-stream block (model.block stream) runs its layers and prior over all T either way; f is the "
+        "share of positions whose evidence and posterior CE a step computes (the prior term covers every one). "
         "Validation always scores every position.",
     )
     sigma_draw: Literal["sequence", "position"] = _field(

@@ -115,8 +115,9 @@ class GaussianFamily(Family):
         if table.device != window.device:
             table = job.extras["table"] = table.to(window.device)
         prior = d.prior_loss if self.denoiser_blocks and block_has_prior(job.cfg.model) else 0.0
+        everywhere = job.cfg.model.block == "stream" and self.name == "llama"
         return denoiser_loss(
-            model, window, table, sigma, noise, d.loss_weighting, d.sigma_data, ce_chunk, prior, positions
+            model, window, table, sigma, noise, d.loss_weighting, d.sigma_data, ce_chunk, prior, positions, everywhere
         )
 
     def partition_figure(self, run, path, plt) -> None:

@@ -274,14 +274,23 @@ class Head(nn.Module):
         u = at_least_fp32(u)  # the evidence reaches 1/sigma_min^2: never in half precision
         return at_least_fp32(out) + F.linear(u, E.to(u.dtype))
 
-    def _chunk_ce(self, h, targets, table, u=None, E=None, prior_ce: bool = False) -> torch.Tensor:
+    def _chunk_ce(self, h, targets, table, u=None, E=None, prior_ce: bool = False, rows=None) -> torch.Tensor:
         if not prior_ce:
             logits = self.logits(h, table, None if u is None else (u, E))
             return F.cross_entropy(at_least_fp32(logits), targets, reduction="none")
         prior = at_least_fp32(self.logits(h, table))
-        posterior = prior + F.linear(at_least_fp32(u), E.to(at_least_fp32(u).dtype))
-        ce = [F.cross_entropy(x, targets, reduction="none") for x in (posterior, prior)]
-        return torch.stack(ce, dim=-1)
+        prior_loss = F.cross_entropy(prior, targets, reduction="none")
+        u = at_least_fp32(u)
+        if rows is None:
+            posterior = prior + F.linear(u, E.to(u.dtype))
+            return torch.stack([F.cross_entropy(posterior, targets, reduction="none"), prior_loss], dim=-1)
+        # the evidence (and the posterior's CE) only at the rows listed; 0 elsewhere
+        index = rows
+        posterior = prior[index] + F.linear(u[index], E.to(u.dtype))
+        post_loss = torch.zeros_like(prior_loss).index_add(
+            0, index, F.cross_entropy(posterior, targets[index], reduction="none")
+        )
+        return torch.stack([post_loss, prior_loss], dim=-1)
 
     def forward(
         self,
@@ -291,15 +300,23 @@ class Head(nn.Module):
         table: torch.Tensor | None = None,
         evidence: tuple[torch.Tensor, torch.Tensor] | None = None,
         prior_ce: bool = False,
+        evidence_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """evidence_rows (with prior_ce): ascending indices into the flattened targets; the posterior's CE only
+        at those rows (0 elsewhere), the prior's everywhere: the evidence product runs over those rows alone."""
         if prior_ce and (targets is None or evidence is None):
             raise ValueError("prior_ce needs targets and evidence (the prior is the logits without the evidence)")
         if targets is None:
             return self.logits(h, table, evidence)
         flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         u, E = (None, None) if evidence is None else (evidence[0].reshape(-1, evidence[0].shape[-1]), evidence[1])
+        rows = evidence_rows
+
+        def chunk_rows(i: int):  # the listed rows inside chunk [i, i + chunk), relative to it
+            return None if rows is None else rows[(rows >= i) & (rows < i + chunk)] - i
+
         if chunk <= 0 or chunk >= flat_t.numel() or not torch.is_grad_enabled():
-            ce = self._chunk_ce(flat_h, flat_t, table, u, E, prior_ce)
+            ce = self._chunk_ce(flat_h, flat_t, table, u, E, prior_ce, rows)
         else:
             ce = torch.cat(
                 [
@@ -311,6 +328,7 @@ class Head(nn.Module):
                         None if u is None else u[i : i + chunk],
                         E,
                         prior_ce,
+                        chunk_rows(i),
                         use_reentrant=False,
                     )
                     for i in range(0, flat_t.numel(), chunk)

@@ -393,10 +393,13 @@ class StreamBlock(_BlockInputs):
         prior_ce: bool = False,
         with_evidence: bool = True,
         follows: torch.Tensor | None = None,
+        evidence_at: torch.Tensor | None = None,
     ) -> tuple[None, torch.Tensor]:
         """As DenoiserBlock.forward (posterior readout), so both layouts train and sample through one interface.
         sigma: (B,), or (B, Tn) for the sigma-free block. The noisy target of position i is read at clean row
-        i-1: `follows` (Tn,) indexes those rows (default: the last Tn), so noisy_pos is implied and not read."""
+        i-1: `follows` (Tn,) indexes those rows (default: the last Tn), so noisy_pos is implied and not read.
+        evidence_at (k,) (with targets and prior_ce; diffusion.noisy_fraction): the posterior's CE at those of
+        the Tn positions only, 0 at the others; the prior's CE everywhere."""
         Tc, Tn = clean_tokens.shape[1], z.shape[1]
         if Tc < Tn:
             raise ValueError(f"{Tn} noisy positions follow {Tc} clean tokens")
@@ -404,7 +407,10 @@ class StreamBlock(_BlockInputs):
         h = self.hidden(clean_tokens, per_sequence, clean_pos, cache)
         h = h[:, Tc - Tn :] if follows is None else h[:, follows]
         evidence = self.evidence(z, sigma) if with_evidence else None
-        return None, self.lm_head(h, targets, ce_chunk, None, evidence, prior_ce)
+        rows = None
+        if evidence_at is not None:  # (B, k) flattened, ascending: sequence b's positions at b * Tn + p
+            rows = (torch.arange(z.shape[0], device=z.device)[:, None] * Tn + evidence_at.to(z.device)).reshape(-1)
+        return None, self.lm_head(h, targets, ce_chunk, None, evidence, prior_ce, rows)
 
 
 def lm_loss(model: nn.Module, window: torch.Tensor, ce_chunk: int = 0) -> torch.Tensor:
@@ -423,6 +429,7 @@ def denoiser_loss(
     ce_chunk: int = 0,
     prior_weight: float = 0.0,
     positions: torch.Tensor | None = None,
+    prior_everywhere: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-block objective (paper Eq. 6 with a cross-entropy readout, docs/METHOD.md 4 and 5b).
 
@@ -431,12 +438,16 @@ def denoiser_loss(
     prior_weight > 0 (diffusion.prior_loss; posterior readout only) adds prior_weight * the mean CE of the
     block's prior logits, its context-only prediction, unweighted by sigma.
     positions (k,) ascending indices into the T targets (diffusion.noisy_fraction): only those are noised and
-    denoised, the clean context stays whole; None = all T.
+    denoised, the clean context stays whole; None = all T. prior_everywhere (the single-stream block, whose
+    prior costs no extra layer rows): the prior term still covers all T targets, the posterior those k.
     Returns (loss = mean of w(sigma) * CE [+ prior term], per-sequence plain posterior CE (B,)), both fp32.
     """
     targets = window[:, 1:]
     extra = {"prior_ce": True} if prior_weight > 0 else {}  # (a family's own block need not know the keyword)
-    if positions is not None:  # noisy position p + 1 follows clean token p
+    everywhere = positions is not None and prior_everywhere and prior_weight > 0
+    if everywhere:  # every target noised (cheap) and read by the prior; the evidence at `positions` only
+        extra["evidence_at"] = positions
+    elif positions is not None:  # noisy position p + 1 follows clean token p
         targets, noise = targets[:, positions], noise[:, positions]
         sigma = sigma if sigma.dim() == 1 else sigma[:, positions]
         extra.update(noisy_pos=positions + 1, follows=positions)
@@ -447,6 +458,9 @@ def denoiser_loss(
     if prior_weight > 0:
         token_ce, prior_ce = token_ce[..., 0], token_ce[..., 1]
         prior = prior_weight * prior_ce.mean()
+    if everywhere:
+        token_ce = token_ce[:, positions]
+        sigma = sigma if sigma.dim() == 1 else sigma[:, positions]
     ce = token_ce.mean(dim=1)
     if weighting != "edm":
         return ce.mean() + prior, ce.detach()
