@@ -4,7 +4,8 @@
     python bench/throughput.py --blocks 4 --micro-batch 4  # the paper's shape
 
 Each job runs in its own process (bench/common.py): the end-to-end LlamaLM with L layers, then every block
-b of B with its L/B layers (AdaLN, the doubled clean + noisy sequence). Reports median step time and
+b of B with its L/B layers (AdaLN, the doubled clean + noisy sequence; --block stream: one pass over the clean
+tokens). Reports median step time and
 training tokens/s of each, and the sum of the block jobs' step times, which is what training all blocks
 costs in machine time (when the blocks run one after another on one machine; on B machines the wall time is
 the slowest block's). Writes bench/results/throughput_<shape>.json.
@@ -49,6 +50,8 @@ def main() -> int:
         help="the block jobs' diffusion.prior_loss (0: no prior term, as measured before it existed)",
     )
     p.add_argument("--target-dim", type=int, help="the blocks' model.target_dim (default: d_model)")
+    p.add_argument("--block", default="two_stream", choices=["two_stream", "stream"], help="the blocks' model.block")
+    p.add_argument("--sigma-free", action="store_true", help="with --block stream: model.time_conditioning false")
     p.add_argument(
         "--out", help="file name in bench/results/ (default: throughput_<shape>[_noisy<f>][_prior<w>][_e<dim>].json)"
     )
@@ -72,7 +75,8 @@ def main() -> int:
                 "block": b,
                 "noisy_fraction": args.noisy_fraction,
                 "prior_loss": args.prior_loss,
-                "model": {"target_dim": args.target_dim} if args.target_dim else {},
+                "model": ({"target_dim": args.target_dim} if args.target_dim else {})
+                | {"block": args.block, "time_conditioning": not args.sigma_free},
             },
         )
         for b in range(args.blocks)
@@ -105,6 +109,7 @@ def main() -> int:
     suffix = "" if args.noisy_fraction == 1 else f"_noisy{args.noisy_fraction:g}"
     suffix += "" if args.prior_loss == 1 else f"_prior{args.prior_loss:g}"
     suffix += f"_e{args.target_dim}" if args.target_dim else ""
+    suffix += ("" if args.block == "two_stream" else f"_{args.block}") + ("_sigma_free" if args.sigma_free else "")
     path = write_results(
         args.out or f"throughput_{shape}{suffix}.json",
         {
@@ -113,6 +118,8 @@ def main() -> int:
             "noisy_fraction": args.noisy_fraction,
             "prior_loss": args.prior_loss,
             "target_dim": args.target_dim,
+            "block": args.block,
+            "sigma_free": args.sigma_free,
             "e2e": e2e,
             "blocks": blocks,
             "sum_block_step_s": total,
