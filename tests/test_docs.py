@@ -1,0 +1,40 @@
+"""The documentation a user reads: the README stays a front page, and every relative link in it and in docs/
+resolves to a file of the repository."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def markdown_files() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def relative_links(path: Path) -> list[str]:
+    return [t for t in LINK.findall(path.read_text()) if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
+
+
+def test_readme_is_a_front_page():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; results and reference belong in docs/"
+
+
+def test_every_relative_link_resolves():
+    files = markdown_files()
+    assert len(files) >= 10  # the README and docs/ with its results/
+    broken = [
+        f"{path.relative_to(ROOT)}: {target}"
+        for path in files
+        for target in relative_links(path)
+        if not (path.parent / target.split("#")[0]).exists()
+    ]
+    assert not broken, broken
+
+
+def test_link_check_sees_a_broken_link(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("[ok](page.md) [gone](missing.md) [web](https://example.org) [anchor](#x)")
+    assert relative_links(page) == ["page.md", "missing.md"]
+    assert [t for t in relative_links(page) if not (tmp_path / t).exists()] == ["missing.md"]
