@@ -44,3 +44,16 @@ def test_char_level_ar_run_generates_from_chain_and_baseline(process_group, tiny
         assert 0.0 <= figures["accuracy"] <= 1.0
         if manifest["kind"] == "e2e":
             assert figures["ce"] > 0
+
+
+def test_prompts_are_written_as_the_run_wrote_its_training_text():
+    from dbscale.config import DataConfig
+    from dbscale.data.sources import as_run_text
+    from dbscale.data.tokenizer import CharTokenizer
+
+    tok = CharTokenizer(ALPHABET)
+    text8 = DataConfig(tokenizer_type="char", vocab_size=27, normalize="text8")
+    assert as_run_text("The Congress, 2 times!", text8, tok) == "the congress two times"
+    mapped = DataConfig(tokenizer_type="char", vocab_size=27, out_of_vocab="map")
+    assert as_run_text("The end.", mapped, tok) == " he end "
+    assert as_run_text("The end.", DataConfig(), tok) == "The end."  # sentencepiece runs take the text as it is

@@ -19,6 +19,16 @@ from pathlib import Path
 from dbscale.errors import GenerationError
 
 
+def run_prompts(args, tokenizer, manifest) -> list[str]:
+    """The prompts of --prompt / --prompt-file as the model's training text was written (its data.normalize and
+    out-of-vocabulary rule), so 'The Congress' reaches a text8-normalised character model as 'the congress'."""
+    from dbscale.config import frozen_config_from_dict
+    from dbscale.data.sources import as_run_text
+
+    data = frozen_config_from_dict(manifest["config"], where=f"{args.model}/manifest.json").data
+    return [as_run_text(prompt, data, tokenizer) for prompt in read_prompts(args)]
+
+
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompt_file:
@@ -131,7 +141,7 @@ def execute(args, p) -> int:
             f"--infill, --cached and --bpc are for a family that generates whole sequences (masked); {args.model} "
             f"is a '{family.name}' model."
         )
-    prompts = read_prompts(args)
+    prompts = run_prompts(args, tokenizer, manifest)
     if not prompts and not args.heldout:
         raise GenerationError("nothing to do: give --prompt, --prompt-file or --heldout.")
     for n, prompt in enumerate(prompts, 1):  # every prompt is checked before anything is generated
@@ -197,7 +207,7 @@ def masked_main(args, model, tokenizer, manifest, label) -> int:
 
     from dbscale.eval.likelihood import masked_bpc, masked_generate
 
-    jobs = [("prompt", q) for q in read_prompts(args)] + [("template", q) for q in args.infill]
+    jobs = [("prompt", q) for q in run_prompts(args, tokenizer, manifest)] + [("template", q) for q in args.infill]
     if not jobs and not args.bpc:
         jobs = [("unconditional", None)]
     steps = args.steps or model.default_steps()

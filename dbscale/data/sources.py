@@ -190,6 +190,16 @@ def text8_normalize(text: str) -> str:
     return " ".join(mapped.split())
 
 
+def as_run_text(text: str, data, tokenizer) -> str:
+    """A text (a prompt) as the run's training text was made before tokenizing: data.normalize applied, and for
+    the character tokenizer with data.out_of_vocab 'map' every character outside the alphabet a space."""
+    if data.normalize == "text8":
+        text = text8_normalize(text)
+    if data.tokenizer_type == "char" and data.out_of_vocab == "map":
+        text = tokenizer.map_out_of_vocab(text)
+    return text
+
+
 # text8 is 100M characters in one line; the usual split (Mikolov et al. 2012; MD4, MDLM) is by position:
 # the first 90M for training, the next 5M for validation, the last 5M for test.
 TEXT8_SPLIT = (0.90, 0.05, 0.05)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -88,6 +89,13 @@ class Featurizer:
                     hidden = self.model(**{k: v.to(self.device) for k, v in ids.items()}).last_hidden_state
                     out.append(hidden[:, -1].cpu().numpy())
         return np.concatenate(out).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=2)
+def load_featurizer(name: str, device: str = "cpu") -> Featurizer:
+    """A Featurizer, loaded once per process (an evaluation of several runs in one process reuses it; its
+    weights are read-only, eval-mode and used under no_grad)."""
+    return Featurizer(name, device)
 
 
 def mauve_score(reference: np.ndarray, generated: np.ndarray, seed: int = 25, scaling_factor: float = 5.0) -> dict:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from dbscale import families
 from dbscale.errors import GenerationError
-from dbscale.eval.features import Featurizer, FeaturizerError, mauve_score
+from dbscale.eval.features import FeaturizerError, load_featurizer, mauve_score
 from dbscale.eval.likelihood import require_family
 from dbscale.generate import generate_batch, heldout_metrics
 
@@ -128,7 +128,7 @@ def evaluate(
             f"'{family.name}' family generates whole sequences. Fix: use tools/generate.py --bpc and bench/masked.py."
         )
     prompts, references = heldout_prompts(run, s)
-    featurizer = Featurizer(s.featurizer)
+    featurizer = load_featurizer(s.featurizer)
     judge_model, judge_name = None, None
     if judge is None and (run.root / "e2e/merged/manifest.json").is_file():
         judge = str(run.root / "e2e/merged")
@@ -168,7 +168,8 @@ def evaluate(
                 except ValueError as e:
                     raise GenerationError(f"{model_dir}: {e}.") from None
             sampler = {"estimate": model.estimate, "step": model.step, "steps": len(model.sigmas)}
-            sampler["top_k"] = getattr(model, "top_k", None)
+            if getattr(model, "top_k", None):  # a top-k chain says so; the exact one reads as before
+                sampler["top_k"] = model.top_k
         else:
             sampler = None  # a plain LM has no chain sampler: the spec's settings do not apply to it
         log(f"[evaluate] {label} ({model_dir}): sampling {len(prompts)} x {s.samples_per_prompt} continuations")
