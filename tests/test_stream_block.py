@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from test_models import randomize
 
 from dbscale.config import Config, ModelConfig, config_from_dict
 from dbscale.errors import ConfigError
@@ -17,14 +18,6 @@ CFG = ModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, ffn_multiple_
 SIGMA_FREE = dataclasses.replace(CFG, time_conditioning=False)
 V = 61
 TABLE = frozen_target_embedding(V, CFG.embed_dim, 0)
-
-
-def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return module.eval()
 
 
 def test_sigma_free_block_is_a_plain_lm_plus_the_evidence():

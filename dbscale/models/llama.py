@@ -148,6 +148,19 @@ class _BlockInputs(nn.Module):
             return self.embed_tokens(tokens)
         return self.ctx_proj(self.target_table[tokens].to(self.ctx_proj.weight.dtype))
 
+    def _inputs(self, cfg, vocab_size: int, sigma_data: float, table, context_features: bool, needs_table: str):
+        """What both layouts keep: the config, the frozen target table as a non-persistent buffer (checked
+        against (V, e) when `needs_table` names what reads it) and the clean context's input."""
+        self.cfg, self.vocab_size, self.sigma_data = cfg, vocab_size, sigma_data
+        if needs_table:
+            if table is None or tuple(table.shape) != (vocab_size, cfg.embed_dim):
+                got = None if table is None else tuple(table.shape)
+                raise ValueError(f"{needs_table} needs the ({vocab_size}, {cfg.embed_dim}) target table, got {got}")
+            self.register_buffer("target_table", table, persistent=False)
+        else:
+            self.target_table = None
+        self._context_input(cfg, vocab_size, context_features)
+
     def _context_input(self, cfg: ModelConfig, vocab_size: int, context_features: bool) -> None:
         self.context_features = context_features  # the caller passes (B, Tc, d) features (Huginn's prelude output)
         if context_features:
@@ -178,19 +191,9 @@ class DenoiserBlock(_BlockInputs):
         sandwich: bool = False,
     ):
         super().__init__()
-        self.cfg, self.vocab_size, self.sigma_data = cfg, vocab_size, sigma_data
         d, e = cfg.d_model, cfg.embed_dim
-        if block_reads_table(cfg):
-            if target_embedding is None or tuple(target_embedding.shape) != (vocab_size, e):
-                got = None if target_embedding is None else tuple(target_embedding.shape)
-                raise ValueError(
-                    f"head/context 'target' or readout 'posterior' needs the ({vocab_size}, {e}) target table, "
-                    f"got {got}"
-                )
-            self.register_buffer("target_table", target_embedding, persistent=False)
-        else:
-            self.target_table = None
-        self._context_input(cfg, vocab_size, context_features)
+        reads = "head/context 'target' or readout 'posterior'" if block_reads_table(cfg) else ""
+        self._inputs(cfg, vocab_size, sigma_data, target_embedding, context_features, reads)
         # c_in * z_sigma -> hidden (the paper's noisy input; absent with noisy_input 'token')
         self.in_proj = nn.Linear(e, d, bias=False) if "z" in cfg.noisy_input else None
         self.time_embed = TimestepEmbedder(d, cfg.time_freq_dim)
@@ -312,15 +315,10 @@ class StreamBlock(_BlockInputs):
         sandwich: bool = False,
     ):
         super().__init__()
-        self.cfg, self.vocab_size, self.sigma_data = cfg, vocab_size, sigma_data
-        d, e = cfg.d_model, cfg.embed_dim
-        if target_embedding is None or tuple(target_embedding.shape) != (vocab_size, e):
-            got = None if target_embedding is None else tuple(target_embedding.shape)
-            raise ValueError(
-                f"the single-stream block's evidence needs the ({vocab_size}, {e}) target table, got {got}"
-            )
-        self.register_buffer("target_table", target_embedding, persistent=False)
-        self._context_input(cfg, vocab_size, context_features)
+        d = cfg.d_model
+        self._inputs(
+            cfg, vocab_size, sigma_data, target_embedding, context_features, "the single-stream block's evidence"
+        )
         self.sigma_free = not cfg.time_conditioning
         if not self.sigma_free:
             self.time_embed = TimestepEmbedder(d, cfg.time_freq_dim)
