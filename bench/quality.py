@@ -123,6 +123,8 @@ def main() -> int:
         *[x for m in models[1:] for x in ("--compare", m)],
         "--data",
         str(runs[0]),
+        "--judge",  # seed 0's baseline, also when it was trained in another bench's run (--baselines-from)
+        str(baseline_runs[0] / "e2e/merged"),
         "--num-prompts",
         str(args.num_prompts),
         "--samples-per-prompt",
