@@ -311,8 +311,20 @@ def write_results(name: str, payload: dict) -> Path:
     from dbscale.commands import invocation
 
     command = invocation()  # how to produce it again
-    path.write_text(json.dumps({"command": command, **payload, "device_info": device_info()}, indent=2) + "\n")
+    made = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit()}
+    record = {"command": command, **payload, "device_info": device_info(), **made}
+    path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, with '+dirty' when tracked files differ from it (None outside a git checkout)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=ROOT, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def mib(n: float) -> str:

@@ -268,9 +268,24 @@ class DataConfig:
     hf_name: str | None = _field(None, "HF dataset configuration name.")
     hf_split: str = _field("train", "HF split to read documents from.")
     hf_data_files: list[str] = _field([], "Local data files passed to datasets.load_dataset (offline use).")
+    hf_streaming: bool = _field(
+        False,
+        "Read the HF dataset with streaming=True (nothing downloaded or cached first; OpenWebText-sized corpora). "
+        "Either way prepare holds one batch of documents at a time.",
+    )
     text_field: str = _field("text", "Column holding the document text.")
     max_documents: int | None = _field(None, "Use at most this many documents (null = all).")
-    val_fraction: float = _field(0.05, "Fraction of documents held out for validation (split by document).")
+    val_fraction: float = _field(
+        0.05,
+        "Fraction of documents held out for validation, by position: every (1/val_fraction)-th document, the "
+        "first included (stable when documents are appended; no shuffle, so any corpus size streams).",
+    )
+    bad_documents: Literal["refuse", "skip"] = _field(
+        "refuse",
+        "A document the source cannot give (a file that is not UTF-8, a .jsonl line that is not JSON or lacks "
+        "text_field): 'refuse' (prepare stops, naming file and line; finished shards are kept for the resume) or "
+        "'skip' (left out, counted and listed in the log).",
+    )
     vocab_size: int = _field(32000, "Sentencepiece vocabulary size (Llama-2: 32000).")
     tokenizer_model: str | None = _field(
         None, "Use this existing sentencepiece .model (e.g. an HF Llama's tokenizer.model) instead of training one."
@@ -292,8 +307,15 @@ class DataConfig:
         "(each becomes a space; prepare reports how many).",
     )
     tokenizer_train_chars: int = _field(20_000_000, "Characters of training text used to fit the tokenizer.")
-    shard_tokens: int = _field(100_000_000, "Tokens per memmap shard.")
-    seed: int = _field(0, "Seed of the document split.")
+    shard_tokens: int = _field(
+        100_000_000, "Tokens per memmap shard (also the unit of resume: a killed prepare restarts at its last shard)."
+    )
+    num_workers: int | None = _field(
+        None,
+        "Tokenizer processes of `dbscale prepare` (null: one per CPU core). The shards do not depend on it, and it "
+        "is not frozen into the run (preparing again with another value changes nothing).",
+    )
+    seed: int = _field(0, "Shifts which documents are held out: document i is validation where i + seed would be.")
 
 
 @dataclass
@@ -660,6 +682,8 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         fail("data.vocab_size", f"must be >= 64, got {data.vocab_size}.")
     if data.shard_tokens < 1024:
         fail("data.shard_tokens", "must be >= 1024.")
+    if data.num_workers is not None and data.num_workers < 1:
+        fail("data.num_workers", f"must be >= 1 (or null: one per CPU core), got {data.num_workers}.")
 
     for key in ("steps", "micro_batch", "grad_accum", "log_every", "val_batches", "save_every", "keep_checkpoints"):
         if getattr(t, key) < 1:

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -29,14 +28,13 @@ import yaml
 
 from dbscale import __version__
 from dbscale.config import Config, config_from_dict, frozen_config_from_dict
+from dbscale.data.prepare import JOURNAL, TOKENIZER
 from dbscale.errors import DataError, RunError
-from dbscale.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, sha256_file
+from dbscale.files import atomic_write_json, atomic_write_text, read_json, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
-TOKENIZER = "tokenizer/spm.model"
-CHAR_TOKENIZER = "tokenizer/chars.json"
 TARGET_EMBEDDING = "target_embedding.safetensors"
 CALIBRATION = "calibration.json"
 
@@ -162,6 +160,8 @@ def started_blocks(run: Run, with_e2e: bool = False) -> list:
 
 # Read at prepare time only: once the partition is measured, another value changes nothing in the run.
 _CALIBRATION_ONLY = ("diffusion.calibration_steps",)
+# How a run is prepared, not what it is: never frozen into the run (its shards do not depend on it).
+_PREPARE_ONLY = ("data.num_workers",)
 
 
 def prepared_config_diff(prepared: dict, cfg: Config, run: Run) -> list[str]:
@@ -171,7 +171,7 @@ def prepared_config_diff(prepared: dict, cfg: Config, run: Run) -> list[str]:
     says the same."""
     where = f"{run.root / MANIFEST} (prepared config)"
     resolved = frozen_config_from_dict(json.loads(json.dumps(prepared)), where=where)
-    diff = config_diff(resolved.to_dict(), cfg.to_dict())
+    diff = [d for d in config_diff(resolved.to_dict(), cfg.to_dict()) if not d.startswith(_PREPARE_ONLY)]
     if not run.manifest["partition"].get("pending"):
         diff = [d for d in diff if not d.startswith(_CALIBRATION_ONLY)]
     return diff
@@ -271,24 +271,27 @@ def open_run(root: str | Path, verify: bool = True) -> Run:
 # Creating a run.
 
 
-def _encoded(tok, docs: list[str], bar, batch: int = 256):
-    """Token ids of each document, encoded in batches, advancing the progress bar once per document."""
-    for i in range(0, len(docs), batch):
-        for ids in tok.encode_batch(docs[i : i + batch]):
-            bar.update(1)  # (returns True when it redraws: never combine it with the value)
-            yield ids
+def staging_dir(root: Path) -> Path:
+    """Where a run is prepared before it is renamed into place; an interrupted prepare resumes there."""
+    return root.parent / f".{root.name}.preparing"
 
 
 def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
     """Create the run directory: tokenizer, shards, target embedding, manifest. Idempotent for the same
-    config; refuses (and changes nothing) when the directory holds a run of another config."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
+    config; refuses (and changes nothing) when the directory holds a run of another config.
 
-    from dbscale.data.shards import token_dtype, write_shards
-    from dbscale.data.sources import load_split_documents
-    from dbscale.data.tokenizer import CharTokenizer, load_tokenizer, train_sentencepiece
+    The corpus streams through in bounded memory (dbscale/data/prepare.py). Work happens in a staging directory
+    beside the run, renamed into place once the manifest is written, so a half-prepared directory is never taken
+    for a run; a prepare that is killed or fails keeps the staging directory's finished shards, and preparing
+    again with the same config resumes after them."""
+    from safetensors.torch import save_file
+
+    from dbscale.data.prepare import fit_tokenizer, read_journal, tokenize_corpus
+    from dbscale.data.shards import write_stamps
+    from dbscale.data.sources import DocumentStream
+    from dbscale.data.tokenizer import load_tokenizer
     from dbscale.diffusion.noise import frozen_target_embedding
+    from dbscale.train.lock import JobLock
 
     root = Path(root)
     if root.exists():
@@ -312,84 +315,40 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
         if any(root.iterdir()):
             raise RunError(f"{root}: exists, is not empty and holds no {MANIFEST}. Fix: choose a new --run directory.")
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.preparing-", dir=root.parent))
+    frozen = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=None))  # not part of the run
+    config_text = yaml.safe_dump(frozen.to_dict(), sort_keys=False)
+    staging = staging_dir(root)
+    staging.mkdir(parents=True, exist_ok=True)
+    lock = JobLock(staging, f"a prepare of {root}")
+    lock.acquire()
     try:
         t0 = time.time()
-        atomic_write_text(staging / CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        log(f"[prepare] reading documents (source: {cfg.data.source}) ...")
-        train_docs, val_docs = load_split_documents(cfg.data, log)
-        n_chars = sum(map(len, train_docs)) + sum(map(len, val_docs))
-        log(
-            f"[prepare] {len(train_docs) + len(val_docs)} documents, {n_chars / 1e6:.1f}M characters; "
-            f"{len(train_docs)} train / {len(val_docs)} validation"
-            + (" (normalised text8-style)" if cfg.data.normalize == "text8" else "")
-        )
-
-        if cfg.data.tokenizer_type == "char":
-            tok_rel = CHAR_TOKENIZER
-            tok = CharTokenizer(cfg.data.alphabet)
-            oov = tok.out_of_vocab(train_docs + val_docs)
-            if oov:
-                listing = ", ".join(f"{c!r} x{n}" for c, n in list(oov.items())[:20])
-                more = f" and {len(oov) - 20} more" if len(oov) > 20 else ""
-                summary = f"{sum(oov.values())} characters of {len(oov)} kinds outside the alphabet: {listing}{more}"
-                if cfg.data.out_of_vocab == "refuse":
-                    raise DataError(
-                        f"data: {summary}. Nothing was written. Fix: set data.normalize: text8 (lowercase, digits "
-                        "spelled out, the rest spaces), or data.out_of_vocab: map (each becomes a space), or extend "
-                        "data.alphabet."
-                    )
-                log(f"[prepare] mapping {summary} to spaces (data.out_of_vocab: map)")
-                train_docs = [tok.map_out_of_vocab(d) for d in train_docs]
-                val_docs = [tok.map_out_of_vocab(d) for d in val_docs]
-            atomic_write_text(staging / tok_rel, tok.to_json())
-        elif cfg.data.tokenizer_model:
-            tok_rel = TOKENIZER
-            source = Path(cfg.data.tokenizer_model)
-            if not source.is_file():
-                raise DataError(f"data.tokenizer_model: {source} does not exist.")
-            log(f"[prepare] using the tokenizer {source}")
-            atomic_write_bytes(staging / TOKENIZER, source.read_bytes())
-        else:
-            tok_rel = TOKENIZER
-            log(f"[prepare] training a {cfg.data.tokenizer_type} tokenizer, vocab {cfg.data.vocab_size} ...")
-            model_bytes = train_sentencepiece(
-                train_docs, cfg.data.vocab_size, cfg.data.tokenizer_type, cfg.data.tokenizer_train_chars
-            )
-            atomic_write_bytes(staging / TOKENIZER, model_bytes)
+        journal = read_journal(staging, config_text, log)
+        atomic_write_text(staging / CONFIG, config_text)
+        stream = DocumentStream(cfg.data, log)
+        size = f", {stream.total_bytes / 1e6:,.1f} MB" if stream.total_bytes else ""
+        log(f"[prepare] reading documents from {stream.where}{size} (source: {cfg.data.source}) ...")
+        tok_rel = journal.get("tokenizer_file")
+        fitted = tok_rel and (staging / tok_rel).is_file()
+        if fitted and sha256_file(staging / tok_rel) != journal["tokenizer_sha256"]:
+            fitted = False
+        if not fitted:
+            tok_rel = fit_tokenizer(cfg.data, stream, staging, log)
+            journal.update(tokenizer_file=tok_rel, tokenizer_sha256=sha256_file(staging / tok_rel), shards={})
+            atomic_write_json(staging / JOURNAL, journal)
         tok = load_tokenizer(staging / tok_rel)
         if tok.vocab_size != cfg.data.vocab_size:
             raise DataError(
                 f"data.vocab_size={cfg.data.vocab_size}, but the tokenizer has {tok.vocab_size} pieces. "
                 f"Fix: set data.vocab_size: {tok.vocab_size}."
             )
-
-        log("[prepare] tokenizing into memmap shards ...")
-        dtype = token_dtype(tok.vocab_size)
-        data = {"dtype": dtype.name}
-        for split, split_docs in (("train", train_docs), ("val", val_docs)):
-            bar = tqdm(
-                total=len(split_docs), desc=f"[prepare] tokenizing {split}", unit="doc", mininterval=2.0, disable=None
-            )
-            data[split] = write_shards(
-                _encoded(tok, split_docs, bar),
-                tok.document_separator,
-                staging / "data",
-                split,
-                cfg.data.shard_tokens,
-                dtype,
-            )
-            bar.close()
-        n_train = sum(r["tokens"] for r in data["train"])
+        data, _ = tokenize_corpus(cfg.data, stream, staging, tok_rel, journal, log)
         n_val = sum(r["tokens"] for r in data["val"])
         if n_val < cfg.model.seq_len + 1:
             raise DataError(
                 f"data: the validation split has {n_val} tokens, fewer than one window of model.seq_len+1="
                 f"{cfg.model.seq_len + 1}. Fix: raise data.val_fraction or use a larger corpus."
             )
-        per_char = n_train / sum(map(len, train_docs))
-        log(f"[prepare] {n_train:,} train tokens, {n_val:,} validation tokens ({per_char:.3f} tokens/char)")
 
         hashes = {}
         if uses_target_embedding(cfg):
@@ -408,21 +367,31 @@ def prepare_run(cfg: Config, root: str | Path, log=print) -> Run:
             "layers_per_block": cfg.layer_allocation(),
             "partition": partition_record(cfg),
             "vocab_size": tok.vocab_size,
-            "resolved_config_sha256": config_hash(cfg),
+            "resolved_config_sha256": config_hash(frozen),
             "config_sha256": sha256_file(staging / CONFIG),
             "tokenizer_file": tok_rel,
             "tokenizer_sha256": sha256_file(staging / tok_rel),
             **hashes,
             "data": data,
         }
+        write_stamps(staging / "data")
         atomic_write_json(staging / MANIFEST, manifest)
+        (staging / JOURNAL).unlink()
+        lock.release()
         if root.exists():
             root.rmdir()  # empty, checked above
         os.replace(staging, root)
         log(f"[prepare] run {root} ready in {time.time() - t0:.1f}s (run id {manifest['run_id']})")
-    finally:
-        if staging.exists():
+    except BaseException:
+        lock.release()
+        if staging.is_dir() and any((staging / "data").glob("*.bin")):
+            log(
+                f"[prepare] stopped; the finished shards stay in {staging}: preparing again with the same config "
+                f"resumes there (delete it to start over)."
+            )
+        else:
             shutil.rmtree(staging, ignore_errors=True)
+        raise
     return calibrate_if_pending(open_run(root), log)
 
 

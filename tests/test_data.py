@@ -7,7 +7,7 @@ import pytest
 
 from dbscale.config import DataConfig
 from dbscale.data.shards import TokenShards, write_shards
-from dbscale.data.sources import bundled_speeches_dir, load_documents, split_documents
+from dbscale.data.sources import bundled_speeches_dir, load_documents, load_split_documents, split_of
 from dbscale.data.tokenizer import Tokenizer, train_sentencepiece
 from dbscale.errors import DataError
 
@@ -39,14 +39,28 @@ def test_tokenizer_vocab_errors_say_which_way_to_fix(speeches):
         train_sentencepiece([speeches[0].read_text()], 200, "bpe", 100_000)
 
 
-def test_split_by_document_is_deterministic_and_disjoint():
-    docs = [f"document {i}" for i in range(40)]
-    train, val = split_documents(docs, 0.1, seed=0)
-    assert (train, val) == split_documents(docs, 0.1, seed=0)
-    assert len(val) == 4 and not set(train) & set(val) and sorted(train + val) == sorted(docs)
-    assert split_documents(docs, 0.1, seed=1)[1] != val
-    with pytest.raises(DataError, match="at least 2"):
-        split_documents(["only one"], 0.1, 0)
+@pytest.mark.parametrize("fraction", [0.05, 0.1, 0.25, 1 / 3, 0.5, 0.01])
+def test_split_by_position_holds_out_every_kth_document(fraction):
+    import math
+
+    for n in (1, 2, 3, 7, 20, 41, 249, 1000):
+        val = [i for i in range(n) if split_of(i, fraction) == "val"]
+        assert len(val) == math.floor(n * fraction + 1 - fraction + 1e-9) >= 1  # the first is always held out
+        assert val[0] == 0
+        gaps = {b - a for a, b in zip(val, val[1:])}  # evenly spread: gaps of floor(1/f) or ceil(1/f)
+        assert gaps <= {math.floor(1 / fraction + 1e-9), math.ceil(1 / fraction - 1e-9)}
+    # a document's split depends on its position alone: appending documents changes no earlier one
+    assert [split_of(i, 0.05) for i in range(100)] == [split_of(i, 0.05) for i in range(300)][:100]
+    # the seed shifts the pattern
+    assert [split_of(i, 0.1, seed=3) for i in range(20)] == [split_of(i + 3, 0.1) for i in range(20)]
+
+
+def test_a_split_without_documents_is_refused(tmp_path):
+    (tmp_path / "only.jsonl").write_text(json.dumps({"text": "one document"}) + "\n")
+    cfg = DataConfig(source="files", paths=[str(tmp_path)], split_files="never")
+    with pytest.raises(DataError, match="1 training|0 training") as e:
+        load_split_documents(cfg)
+    assert "both splits need one" in str(e.value) and "data.val_fraction" in str(e.value)
 
 
 def test_empty_corpus_is_refused(tmp_path):
@@ -112,3 +126,24 @@ def test_truncated_shard_is_detected(tmp_path):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(DataError, match="truncated or replaced"):
         TokenShards(tmp_path, records, "uint16", "val")
+
+
+def test_opening_a_run_hashes_only_the_shards_that_changed(tiny_cfg, tmp_path, monkeypatch):
+    """Job start must not scale with the corpus: untouched shards (size and mtime as prepare stamped them) are
+    not hashed again, while a shard rewritten in place with the same size is still refused."""
+    import dbscale.data.shards
+    from dbscale.run import prepare_run
+
+    run = prepare_run(tiny_cfg(data={"shard_tokens": 2048}), tmp_path / "run", log=lambda *a: None)
+    hashed = []
+    real = dbscale.data.shards.sha256_file
+    monkeypatch.setattr(dbscale.data.shards, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    assert run.shards("train").num_tokens == sum(r["tokens"] for r in run.manifest["data"]["train"])
+    assert hashed == [] and len(run.manifest["data"]["train"]) > 2
+    shard = run.root / "data" / "train_0001.bin"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="train_0001.bin: sha256 differs from the run manifest"):
+        run.shards("train")
+    assert hashed == ["train_0001.bin"]

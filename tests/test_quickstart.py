@@ -57,7 +57,7 @@ def test_the_readme_quickstart_runs_on_one_text_file(speeches, tmp_path):
             assert "Traceback" not in p.stderr
             outputs.append(p.stdout + p.stderr)
     prepared = outputs[0]
-    assert "1 file(s) with 1 document(s): cut into" in prepared and "train /" in prepared
+    assert "1 file(s) with 1 document(s): cut into" in prepared and "validation tokens" in prepared
     assert (tmp_path / "runs/mine/merged/model.safetensors").is_file()
     assert "It was" in outputs[-2]  # generate printed its prompt and continuation
     assert "MAUVE (MiniLM features)" in outputs[-1] and "end-to-end" in outputs[-1]

@@ -169,16 +169,35 @@ def test_sigterm_from_outside_checkpoints_exits_cleanly_and_resumes(small_run):
     assert events(run, 0, "start")[-1]["step"] == step and events(run, 0, "end")[-1]["step"] == step + 2
 
 
-def test_ctrl_c_while_tokenizing_leaves_nothing(tiny_cfg, tmp_path, monkeypatch):
-    import dbscale.data.shards
+def test_ctrl_c_while_tokenizing_keeps_the_finished_shards_for_the_resume(tiny_cfg, tmp_path, monkeypatch):
+    """Ctrl-C mid-corpus leaves no run (nothing a job would take for one) but keeps the shards finished so far;
+    preparing again resumes after them and gives the shards of an uninterrupted prepare."""
+    from dbscale.data.shards import ShardWriter
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    cfg = tiny_cfg(data={"shard_tokens": 4096, "num_workers": 1})
+    whole = prepare_run(cfg, tmp_path / "whole", log=quiet)
+    close, calls = ShardWriter._close, []
 
-    monkeypatch.setattr(dbscale.data.shards, "write_shards", interrupted)
+    def interrupted(self, position):
+        calls.append(position)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        close(self, position)
+
+    monkeypatch.setattr(ShardWriter, "_close", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        prepare_run(tiny_cfg(), tmp_path / "run", log=quiet)
-    assert list(tmp_path.iterdir()) == []  # no run, no staging directory
+        prepare_run(cfg, tmp_path / "run", log=quiet)
+    assert not (tmp_path / "run").exists()
+    kept = sorted(p.name for p in (tmp_path / ".run.preparing" / "data").glob("*.bin"))
+    assert kept == ["train_0000.bin", "train_0001.bin"]
+    monkeypatch.setattr(ShardWriter, "_close", close)
+    logs = []
+    run = prepare_run(cfg, tmp_path / "run", log=logs.append)
+    assert any("resuming an interrupted prepare: train after shard 2" in m for m in logs)
+    assert run.manifest["data"] == whole.manifest["data"] and len(whole.manifest["data"]["train"]) > 3
+    for rec in whole.manifest["data"]["train"] + whole.manifest["data"]["val"]:
+        assert (run.root / "data" / rec["file"]).read_bytes() == (whole.root / "data" / rec["file"]).read_bytes()
+    assert not (tmp_path / ".run.preparing").exists()
 
 
 @pytest.mark.parametrize("fault", [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")])

@@ -87,22 +87,6 @@ def test_dry_run_report(tiny_cfg):
     assert report["partition"]["train_intervals"][0][0] < report["partition"]["block_intervals"][0][0]
 
 
-def test_encoding_survives_progress_redraws():
-    """tqdm's update() returns True when it redraws; the encoder must still yield every document's ids."""
-    from dbscale.run import _encoded
-
-    class Tok:
-        def encode_batch(self, docs):
-            return [[len(d)] for d in docs]
-
-    class RedrawingBar:
-        def update(self, n):
-            return True
-
-    docs = [f"doc {i}" * (i + 1) for i in range(600)]
-    assert list(_encoded(Tok(), docs, RedrawingBar())) == [[len(d)] for d in docs]
-
-
 def test_a_run_prepared_before_a_field_existed_keeps_its_behaviour(prepared, tiny_cfg):
     """A run whose config.yaml predates diffusion.prior_loss (an earlier dbscale wrote no such key) opens with
     the value that run trained with (0: no prior term, config.ADDED_FIELDS), not the new default; preparing it

@@ -35,7 +35,7 @@ def test_one_text_file_is_cut_into_documents_and_split(tmp_path, speeches):
     assert len(train) + len(val) >= len(corpus.read_text()) // 5000 and len(val) >= 1
     assert any("1 file(s) with 1 document(s): cut into" in m for m in logs)
     never = config_from_dict({"data": {"source": "files", "paths": [str(corpus)], "split_files": "never"}}).data
-    with pytest.raises(DataError, match=r"needs at least 2.*data.split_files: always"):
+    with pytest.raises(DataError, match=r"0 training and 1 validation.*both splits need one.*data.split_files: always"):
         load_split_documents(never, quiet)
 
 
@@ -52,8 +52,10 @@ def test_folders_globs_and_jsonl(tmp_path):
 
     assert docs(str(tmp_path / "a")) == ["document 0", "document 1", "document 2"]
     assert docs(str(tmp_path / "a" / "*.txt")) == ["document 0", "document 1", "document 2"]
-    assert docs(str(tmp_path / "rows.jsonl")) == ["row 0", "row 1", "row 2", "row 3"]  # non-text rows skipped
-    with pytest.raises(DataError, match="rows.jsonl:1: expected a JSON object with a 'body' field"):
+    with pytest.raises(DataError, match="rows.jsonl:5: expected a JSON object with a string 'text' field"):
+        docs(str(tmp_path / "rows.jsonl"))  # a row whose text is a number is named, not dropped unseen
+    assert docs(str(tmp_path / "rows.jsonl"), bad_documents="skip") == ["row 0", "row 1", "row 2", "row 3"]
+    with pytest.raises(DataError, match="rows.jsonl:1: expected a JSON object with a string 'body' field"):
         docs(str(tmp_path / "rows.jsonl"), text_field="body")
     with pytest.raises(DataError, match=r"the pattern '.*\*.md' matches no file"):
         docs(str(tmp_path / "*.md"))

