@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import device_info  # noqa: E402
+from dbscale import families  # noqa: E402
 
 # switch -> (the paper's value, dbscale's value); loss_weighting and prior_loss are diffusion fields, the rest
 # model fields. adaln_gate_init is the same in both (adaLN-Zero); its other value is measured as
@@ -84,7 +85,7 @@ def build(run, settings: dict | None, block: int):
     from dbscale.models.llama import DenoiserBlock, LlamaLM, block_reads_table
 
     cfg = run.config
-    layers = cfg.layer_allocation()[block]
+    layers = families.layer_allocation(cfg)[block]
     if settings is None:
         return LlamaLM(replace(cfg.model, n_layers=layers), run.vocab_size)
     model_cfg = replace(cfg.model, **{k: v for k, v in settings.items() if k not in DIFFUSION_SWITCHES})
@@ -236,8 +237,9 @@ def main() -> int:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from dbscale.config import load_config
-    from dbscale.run import calibrate_if_pending, open_run, prepare_run
+    from dbscale.create_run import calibrate_if_pending, prepare_run
+    from dbscale.families import load_config
+    from dbscale.run import open_run
 
     run_dir = Path(args.run)
     if not (run_dir / "manifest.json").is_file():
@@ -255,7 +257,7 @@ def main() -> int:
     length = run.config.model.seq_len + 1
     windows = torch.from_numpy(run.shards("val").fixed_windows(args.eval_windows, length, seed=4242))
     print(
-        f"block {args.block} of {run.root}: {run.config.layer_allocation()[args.block]} layer(s), sigma slice "
+        f"block {args.block} of {run.root}: {families.layer_allocation(run.config)[args.block]} layer(s), sigma slice "
         f"{run.manifest['partition']['train_intervals'][args.block]}, {steps} steps, {windows[:, 1:].numel()} "
         "held-out positions"
     )

@@ -37,7 +37,7 @@ from common import SHAPES, write_results  # noqa: E402
 def main() -> int:
     import torch
 
-    from dbscale.config import config_from_dict
+    from dbscale.families import config_from_dict
     from dbscale.generate import generate_batch
     from dbscale.models.llama import DiffusionBlocksLM, LlamaLM, frozen_target_embedding
     from dbscale.profiling import count_flops

@@ -171,8 +171,8 @@ def layer_token_cost(m, T: int) -> dict:
 
 
 def quality(args) -> int:
-    from dbscale.config import load_config
     from dbscale.eval.protocol import EvalSettings, evaluate, format_table
+    from dbscale.families import load_config
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
 

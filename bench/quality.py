@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from dbscale import families
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
@@ -159,7 +161,7 @@ def main() -> int:
         "seeds": seeds,
         "steps_per_job": cfg.train.steps,
         "num_blocks": cfg.diffusion.num_blocks,
-        "layers_per_block": cfg.layer_allocation(),
+        "layers_per_block": families.layer_allocation(cfg),
         "baselines_from": [str(r.relative_to(ROOT)) for r in baseline_runs],
         "block_design": {
             k: getattr(cfg.model, k)

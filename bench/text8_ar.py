@@ -29,6 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
+from dbscale import families
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
@@ -91,7 +93,7 @@ def main() -> int:
                 "block0_context_only_bits_per_char": figures["first_step_ce"] / math.log(2),
                 "sample_accuracy": figures["sample_accuracy"],
                 "greedy_accuracy": figures["accuracy"],
-                "layers_per_block": run.config.layer_allocation(),
+                "layers_per_block": families.layer_allocation(run.config),
                 "num_parameters": manifest["num_parameters"],
                 "run": os.path.relpath(run_dir, ROOT),
                 "val_shards_sha256": [sha256_file(f) for f in sorted((run_dir / "data").glob("val*"))],

@@ -6,6 +6,10 @@ is resolved and frozen into the run directory by `tools/prepare.py`; every job r
 
 Every field carries its documentation in `metadata["help"]`; `describe()` prints them. A wrong value
 fails at load time with a sentence naming the file, the field and the fix, never deep inside training.
+
+This module imports nothing of dbscale but its error types. The rules of one model family live in that family's
+module; a loader given `check` (dbscale.families.config_from_dict / load_config pass the registry's) runs them
+after the shared rules, so every config dbscale loads for a run is checked whole.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -370,15 +375,17 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def layer_allocation(self) -> list[int]:
-        """Layers owned by each block, block 0 (highest noise, next to the input) first (the family decides:
-        a Huginn block, say, is a whole prelude + core + coda)."""
-        from dbscale import families
-
-        return families.get(self.model.family).layer_allocation(self)
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def default_layer_allocation(cfg: Config) -> list[int]:
+    """Layers owned by each block, block 0 (highest noise, next to the input) first, for a family that does not
+    decide otherwise: diffusion.layers_per_block, or model.n_layers split evenly."""
+    d = cfg.diffusion
+    if d.layers_per_block is not None:
+        return list(d.layers_per_block)
+    return [cfg.model.n_layers // d.num_blocks] * d.num_blocks
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -466,7 +473,10 @@ ADDED_FIELDS: dict[tuple[str, str], Any] = {
 }
 
 
-def frozen_config_from_dict(data: Any, where: str = "<run config>") -> Config:
+Check = Callable[[Config, Callable[[str, str], None]], None]  # (cfg, fail(key, message)): a family's rules
+
+
+def frozen_config_from_dict(data: Any, where: str = "<run config>", check: Check | None = None) -> Config:
     """config_from_dict for a config a run recorded (config.yaml, the manifest, a merged model): a field the
     record lacks because it was written before the field existed takes ADDED_FIELDS' value, not the default,
     so an old run resumes, prepares and merges exactly as it was trained."""
@@ -475,10 +485,10 @@ def frozen_config_from_dict(data: Any, where: str = "<run config>") -> Config:
         for (section, key), value in ADDED_FIELDS.items():
             if isinstance(data.get(section), dict) and key not in data[section]:
                 data[section][key] = value
-    return config_from_dict(data, where)
+    return config_from_dict(data, where, check)
 
 
-def config_from_dict(data: Any, where: str = "<config>") -> Config:
+def config_from_dict(data: Any, where: str = "<config>", check: Check | None = None) -> Config:
     """Build and validate a Config from a plain dict (as read from YAML)."""
     if data is None:
         data = {}
@@ -495,6 +505,12 @@ def config_from_dict(data: Any, where: str = "<config>") -> Config:
             kwargs[key] = _section_from_dict(_SECTIONS[key], value, where, key)
     cfg = Config(**kwargs)
     validate(cfg, where)
+    if check is not None:
+
+        def fail(key: str, msg: str) -> None:
+            raise ConfigError(f"{where}: {key}: {msg}")
+
+        check(cfg, fail)
     return cfg
 
 
@@ -540,14 +556,14 @@ def read_yaml(path: str | Path) -> dict:
     return data if data is not None else {}
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path, overrides: list[str] | None = None, check: Check | None = None) -> Config:
     """Read a YAML config, apply dotted overrides, validate. Raises ConfigError naming file and field."""
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with sections {list(_SECTIONS)}.")
     apply_overrides(data, overrides or [])
     try:
-        return config_from_dict(data, where=str(path))
+        return config_from_dict(data, where=str(path), check=check)
     except ConfigError as e:  # a bad value that came from the command line: say so, not the file
         given = [o.split("=", 1)[0].strip() for o in overrides or []]
         culprit = next((k for k in given if f"'{k}'" in str(e) or f" {k}:" in str(e)), None)
@@ -558,8 +574,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 def validate(cfg: Config, where: str = "<config>") -> None:
     """Cross-field checks. Each message names the field and says how to fix it. Rules that concern one model
-    family live in its module (dbscale/families/), which this calls."""
-    from dbscale import families
+    family live in its module (dbscale/families/): the `check` a loader is given runs them."""
 
     def fail(key: str, msg: str) -> None:
         raise ConfigError(f"{where}: {key}: {msg}")
@@ -618,15 +633,6 @@ def validate(cfg: Config, where: str = "<config>") -> None:
 
     if d.num_blocks < 1:
         fail("diffusion.num_blocks", f"must be >= 1, got {d.num_blocks}.")
-    try:
-        family = families.get(m.family)
-    except KeyError as e:
-        fail(
-            "model.family",
-            f"{e.args[0]}. Fix: choose one of them, or import the module that registers yours "
-            "(DBSCALE_FAMILIES=package.module).",
-        )
-    family.validate(cfg, fail)
     if not 0 < d.sigma_min < d.sigma_max:
         fail("diffusion.sigma_min", f"need 0 < sigma_min < sigma_max, got {d.sigma_min}, {d.sigma_max}.")
     if d.calibration_steps is not None and d.calibration_steps < 1:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dbscale import families
 from dbscale.config import ModelConfig
 from dbscale.errors import RunError
 from dbscale.files import atomic_write_json, sha256_file
@@ -216,7 +217,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, blocks: bool = False, log
     if blocks:
         offset = 0
         table = run.load_target_embedding()
-        for b, n in enumerate(run.config.layer_allocation()):
+        for b, n in enumerate(families.layer_allocation(run.config)):
             torch.manual_seed(run.config.train.seed + 1000 + b)
             block = denoiser_block(m, run.vocab_size, n, run.config.diffusion.sigma_data, table)
             zero_init_adaln(block.layers, gate=1.0)  # adaLN-Zero would switch the pretrained layers off

@@ -22,7 +22,7 @@ def dry_run_report(cfg: Config) -> dict:
     return {
         "config": cfg.to_dict(),
         "partition": partition_record(cfg),
-        "layers_per_block": cfg.layer_allocation(),
+        "layers_per_block": families.layer_allocation(cfg),
         "parameters": {"e2e": e2e_params, "blocks": block_params, "blocks_total": sum(block_params)},
         "memory_estimate": {
             "note": "weights + grads + AdamW state, fp32, one process, before ZeRO sharding; excludes "

@@ -128,8 +128,8 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu", family: st
     from safetensors.torch import load_file
 
     from dbscale import families
-    from dbscale.config import frozen_config_from_dict
     from dbscale.data.tokenizer import load_tokenizer
+    from dbscale.families import frozen_config_from_dict
 
     path = Path(path)
     manifest_path = path / MANIFEST_FILE

@@ -16,33 +16,10 @@ import tempfile
 from pathlib import Path
 
 from dbscale import families
+from dbscale.plotting import COLORS, pyplot
 from dbscale.run import Run, open_run
 from dbscale.status import format_table, run_status
 from dbscale.train.metrics import read_metrics
-
-COLORS = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def shade_intervals(ax, x, y, intervals, train_intervals, label: str = "block {b}: [{lo:.3g}, {hi:.3g}]") -> None:
-    """Shade each block's own slice under the curve (x, y), and hatch the overlap its training slice adds."""
-    for b, ((lo, hi), (tlo, thi)) in enumerate(zip(intervals, train_intervals, strict=True)):
-        c = COLORS[b % len(COLORS)]
-        mask = (x >= lo) & (x <= hi)
-        ax.fill_between(x[mask], y[mask], color=c, alpha=0.45, label=label.format(b=b, lo=lo, hi=hi))
-        for a, z in ((tlo, lo), (hi, thi)):  # the overlap gamma adds on each side
-            if z > a:
-                m = (x >= a) & (x <= z)
-                ax.fill_between(x[m], y[m], color=c, alpha=0.15, hatch="///", lw=0)
-
 
 PENDING_NOTE = (
     "noise partition: calibration pending (prepare was interrupted); no block can train yet. "
@@ -52,7 +29,7 @@ PENDING_NOTE = (
 
 def partition_figure(run: Run, path: Path) -> None:
     """The run's partition, drawn by its family; a note while the calibration is pending."""
-    plt = _plt()
+    plt = pyplot()
     if run.manifest["partition"].get("pending"):  # prepare was interrupted before the calibration
         fig, ax = plt.subplots(figsize=(8, 1.6))
         ax.axis("off")
@@ -76,7 +53,7 @@ def _last_per_step(events: list[dict], kind: str, key: str) -> tuple[list[int], 
 
 
 def loss_figure(run: Run, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for i, (name, events) in enumerate(_jobs(run)):
         style = {"color": "black", "lw": 2} if name == "end-to-end" else {"color": COLORS[i % len(COLORS)], "lw": 1.2}
@@ -105,7 +82,7 @@ def loss_figure(run: Run, path: Path) -> None:
 
 
 def throughput_figure(rows: list[dict], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     names = [r["job"] for r in rows]
     colors = ["black" if n == "e2e" else COLORS[i % len(COLORS)] for i, n in enumerate(names)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
@@ -139,7 +116,7 @@ def _html(run: Run, status_table: str, evaluation: dict | None) -> str:
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto} pre{background:#f4f4f4;padding:1em;"
         "overflow-x:auto} img{max-width:100%} td,th{padding:4px 8px;text-align:left}</style>",
         f"<h1>Run {esc(run.config.name)}</h1><p>{esc(str(run.root))}, run id {esc(run.run_id)}, "
-        f"B={run.num_blocks}, layers per block {run.config.layer_allocation()}</p>",
+        f"B={run.num_blocks}, layers per block {families.layer_allocation(run.config)}</p>",
         "<h2>Noise partition</h2><img src='partition.png' alt='noise partition'>",
         "<h2>Losses</h2><img src='losses.png' alt='loss curves'>",
         "<h2>Throughput and memory</h2><img src='throughput.png' alt='throughput and memory'>",

@@ -63,7 +63,7 @@ def tiny_config_dict(paths: list[str], **sections) -> dict:
 
 @pytest.fixture
 def tiny_cfg(speeches):
-    from dbscale.config import config_from_dict
+    from dbscale.families import config_from_dict
 
     def make(**sections):
         return config_from_dict(tiny_config_dict([str(p) for p in speeches[:12]], **sections))
@@ -74,7 +74,7 @@ def tiny_cfg(speeches):
 @pytest.fixture
 def small_run(tiny_cfg, tmp_path):
     """A prepared tiny run (6 steps, a checkpoint every 2) with train.* overrides."""
-    from dbscale.run import prepare_run
+    from dbscale.create_run import prepare_run
 
     def make(**train):
         cfg = tiny_cfg(train={"steps": 6, "save_every": 2, "val_every": 0, **train})

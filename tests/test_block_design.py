@@ -7,9 +7,10 @@ import pytest
 import torch
 from test_models import CFG, V, randomize
 
-from dbscale.config import Config, ConfigError, config_from_dict
+from dbscale.config import Config, ConfigError
 from dbscale.diffusion.noise import edm_precond
 from dbscale.diffusion.sampler import ancestral_step, clean_estimate, draw_tokens, nucleus
+from dbscale.families import config_from_dict
 from dbscale.generate import generate_ids
 from dbscale.models.layers import TransformerLayer, rope_cos_sin, zero_init_adaln
 from dbscale.models.llama import DenoiserBlock, DiffusionBlocksLM, denoiser_loss, frozen_target_embedding
@@ -92,8 +93,8 @@ def test_the_family_loss_adds_the_prior_term_only_to_posterior_blocks(tiny_cfg, 
     """GaussianFamily.loss: the llama family's block with the posterior readout gets diffusion.prior_loss, the
     'edm' readout none, and prior_loss 0 gives the posterior CE alone."""
     from dbscale import families
+    from dbscale.create_run import prepare_run
     from dbscale.families.base import StepInfo
-    from dbscale.run import prepare_run
 
     run = prepare_run(tiny_cfg(), tmp_path / "run", log=lambda *a: None)
     family = families.get("llama")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import run_cli
 
-from dbscale.config import config_from_dict
+from dbscale.create_run import prepare_run
 from dbscale.diffusion.calibrate import (
     ce_level_boundaries,
     lognormal_fit,
@@ -19,8 +19,9 @@ from dbscale.diffusion.calibrate import (
 from dbscale.diffusion.noise import lognormal_cdf, lognormal_icdf
 from dbscale.diffusion.partition import Partition, sigma_boundaries, step_sigmas, steps_to_blocks, warp
 from dbscale.errors import ConfigError, RunError
+from dbscale.families import config_from_dict
 from dbscale.files import sha256_file
-from dbscale.run import CONFIG, open_run, partition_record, prepare_run, set_partition
+from dbscale.run import CONFIG, open_run, partition_record, set_partition
 from dbscale.train.calibration import measure_loss_curve  # noqa: E402
 
 EDM = dict(P_mean=-1.2, P_std=1.2, sigma_min=0.002, sigma_max=80.0)

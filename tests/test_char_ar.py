@@ -5,9 +5,9 @@ through the trainer, merge and generation."""
 import numpy as np
 import pytest
 
+from dbscale.create_run import prepare_run
 from dbscale.generate import generate_texts, heldout_metrics, prompt_ids
 from dbscale.merge import load_merged, merge_run
-from dbscale.run import prepare_run
 
 ALPHABET = " abcdefghijklmnopqrstuvwxyz"
 CHAR = {"tokenizer_type": "char", "alphabet": ALPHABET, "vocab_size": len(ALPHABET), "normalize": "text8"}

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from dbscale.config import Config, apply_overrides, config_from_dict, load_config
+from dbscale import families
+from dbscale.config import Config, apply_overrides
 from dbscale.errors import ConfigError
+from dbscale.families import config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,13 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     cfg = load_config(path)
-    assert sum(cfg.layer_allocation()) == cfg.model.n_layers
+    assert sum(families.layer_allocation(cfg)) == cfg.model.n_layers
 
 
 def test_paper_recipe_values():
     cfg = load_config(ROOT / "configs/llama_lm1b_b4.yaml")
     assert (cfg.model.n_layers, cfg.model.d_model, cfg.model.n_heads, cfg.model.seq_len) == (12, 768, 12, 256)
-    assert (cfg.diffusion.num_blocks, cfg.diffusion.gamma, cfg.layer_allocation()) == (4, 0.1, [3, 3, 3, 3])
+    assert (cfg.diffusion.num_blocks, cfg.diffusion.gamma, families.layer_allocation(cfg)) == (4, 0.1, [3, 3, 3, 3])
     assert (cfg.train.lr, cfg.train.warmup_steps, cfg.data.vocab_size) == (3e-4, 2500, 32000)
 
 
@@ -29,7 +31,7 @@ def test_overrides_parse_yaml_values(tmp_path):
     cfg = load_config(
         path, ["train.lr=3e-4", "diffusion.layers_per_block=[1, 3]", "train.activation_checkpointing=true"]
     )
-    assert cfg.train.lr == 3e-4 and cfg.layer_allocation() == [1, 3] and cfg.train.activation_checkpointing
+    assert cfg.train.lr == 3e-4 and families.layer_allocation(cfg) == [1, 3] and cfg.train.activation_checkpointing
 
 
 def errors_for(data: dict, *overrides) -> str:

@@ -9,8 +9,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dbscale.config import _SECTIONS, Config, apply_overrides, config_from_dict, load_config
+from dbscale.config import _SECTIONS, Config, apply_overrides
 from dbscale.errors import ConfigError
+from dbscale.families import config_from_dict, load_config
 from dbscale.inspect import dry_run_report
 
 ROOT = Path(__file__).resolve().parents[1]

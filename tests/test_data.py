@@ -132,7 +132,7 @@ def test_opening_a_run_hashes_only_the_shards_that_changed(tiny_cfg, tmp_path, m
     """Job start must not scale with the corpus: untouched shards (size and mtime as prepare stamped them) are
     not hashed again, while a shard rewritten in place with the same size is still refused."""
     import dbscale.data.shards
-    from dbscale.run import prepare_run
+    from dbscale.create_run import prepare_run
 
     run = prepare_run(tiny_cfg(data={"shard_tokens": 2048}), tmp_path / "run", log=lambda *a: None)
     hashed = []

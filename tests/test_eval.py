@@ -64,9 +64,9 @@ def test_distinct_ngrams_golden():
 def trained_run(process_group, tmp_path_factory, speeches):
     from conftest import tiny_config_dict
 
-    from dbscale.config import config_from_dict
+    from dbscale.create_run import prepare_run
+    from dbscale.families import config_from_dict
     from dbscale.merge import merge_run
-    from dbscale.run import prepare_run
     from dbscale.train.trainer import Trainer
 
     cfg = config_from_dict(tiny_config_dict([str(p) for p in speeches[:12]], train={"steps": 4, "val_every": 2}))

@@ -10,7 +10,8 @@ import yaml
 from conftest import run_cli, tiny_config_dict
 
 from dbscale import families
-from dbscale.config import ConfigError, config_from_dict
+from dbscale.config import ConfigError
+from dbscale.families import config_from_dict
 
 TESTS = Path(__file__).parent
 PY = sys.executable

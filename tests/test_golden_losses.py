@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dbscale.run import prepare_run
+from dbscale.create_run import prepare_run
 from dbscale.train.metrics import read_metrics
 
 GOLDEN = Path(__file__).parent / "assets" / "golden_losses.json"

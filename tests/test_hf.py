@@ -8,12 +8,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from dbscale.config import ModelConfig
+from dbscale.create_run import prepare_run
 from dbscale.errors import RunError
 from dbscale.generate import generate_ids
 from dbscale.hf import export_hf, from_hf_state_dict, hf_config, import_hf, to_hf_state_dict
 from dbscale.merge import load_merged, merge_run
 from dbscale.models.llama import DenoiserBlock, LlamaLM
-from dbscale.run import prepare_run
 
 
 def randomized_pair(cfg: ModelConfig, vocab: int, seed: int):
@@ -70,7 +70,7 @@ def trained_baseline(process_group, tmp_path_factory, speeches):
     """A tiny run whose baseline was trained a few steps and merged."""
     from conftest import tiny_config_dict
 
-    from dbscale.config import config_from_dict
+    from dbscale.families import config_from_dict
     from dbscale.train.trainer import Trainer
 
     cfg = config_from_dict(tiny_config_dict([str(p) for p in speeches[:12]], train={"steps": 4, "val_every": 0}))
@@ -103,7 +103,7 @@ def test_export_loads_in_transformers_and_generates_the_same(trained_baseline, t
 
 
 def test_import_initialises_baseline_and_blocks(trained_baseline, tmp_path):
-    from dbscale.config import config_from_dict
+    from dbscale.families import config_from_dict
     from dbscale.hf import load_init_weights
 
     run, merged = trained_baseline
@@ -148,7 +148,7 @@ def test_import_gives_a_sigma_free_block_the_pretrained_layers_as_its_prior(trai
     pretrained embedding, final norm and head: its prior equals a one-layer LM built from those weights."""
     import dataclasses
 
-    from dbscale.config import config_from_dict
+    from dbscale.families import config_from_dict
     from dbscale.hf import load_init_weights
     from dbscale.models.llama import StreamBlock
 
@@ -197,7 +197,7 @@ def test_import_errors(trained_baseline, tmp_path):
 
 
 def _other_tokenizer_run(run, tmp_path):
-    from dbscale.config import config_from_dict
+    from dbscale.families import config_from_dict
 
     data = run.config.to_dict()
     data["data"]["max_documents"] = 6  # a tokenizer fit on other text

@@ -10,7 +10,8 @@ import torch
 import yaml
 from conftest import run_cli as run
 
-from dbscale.config import ConfigError, config_from_dict
+from dbscale.config import ConfigError
+from dbscale.families import config_from_dict
 from dbscale.generate import generate_ids
 from dbscale.models.huginn import HuginnDenoiser, HuginnDiffusionLM, HuginnLM, causal_stack, sample_recurrence
 from dbscale.models.llama import denoiser_loss, frozen_target_embedding

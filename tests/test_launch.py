@@ -35,7 +35,8 @@ def test_assignment_is_disjoint_and_refuses_too_few_hosts():
 
 
 def test_explicit_block_to_host_map_from_the_config(tmp_path):
-    from dbscale.config import ConfigError, config_from_dict
+    from dbscale.config import ConfigError
+    from dbscale.families import config_from_dict
 
     hosts = [("a", 8), ("b", 4), ("c", 8), ("d", 2)]
     groups = mapped_hosts(hosts, [["c"], ["a", "d"]], [0, 1, None], "hosts")

@@ -13,12 +13,13 @@ import yaml
 from conftest import run_cli as run
 from scipy import integrate
 
-from dbscale.config import ConfigError, config_from_dict
+from dbscale.config import ConfigError
 from dbscale.data.sources import load_split_documents, text8_normalize, text8_split
 from dbscale.data.tokenizer import CharTokenizer
 from dbscale.diffusion.masking import MaskSchedule, TPartition, sample_steps, stratified_times
 from dbscale.errors import DataError, GenerationError
 from dbscale.eval.likelihood import known_from_text, masked_bpc, masked_generate
+from dbscale.families import config_from_dict
 from dbscale.models.masked import MaskedDenoiser, MaskedDiffusionLM, masked_elbo_terms
 
 PY = sys.executable
@@ -267,7 +268,7 @@ def test_text8_loader_splits_a_local_file_by_position(tmp_path):
 
 
 def test_out_of_vocabulary_characters_are_refused_or_mapped(tmp_path):
-    from dbscale.run import prepare_run
+    from dbscale.create_run import prepare_run
 
     docs = tmp_path / "docs"
     docs.mkdir()

@@ -6,8 +6,9 @@ import dataclasses
 import pytest
 import torch
 
-from dbscale.config import Config, ModelConfig, config_from_dict
+from dbscale.config import Config, ModelConfig
 from dbscale.diffusion.noise import edm_precond
+from dbscale.families import config_from_dict
 from dbscale.generate import generate_ids
 from dbscale.models.layers import stream_attention_mask
 from dbscale.models.llama import DenoiserBlock, DiffusionBlocksLM, LlamaLM, denoiser_loss, frozen_target_embedding

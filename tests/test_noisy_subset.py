@@ -11,7 +11,8 @@ import pytest
 import torch
 from test_models import CFG, V, randomize
 
-from dbscale.config import ConfigError, config_from_dict
+from dbscale.config import ConfigError
+from dbscale.families import config_from_dict
 from dbscale.models.huginn import HuginnDenoiser
 from dbscale.models.llama import DenoiserBlock, denoiser_loss, frozen_target_embedding
 
@@ -76,8 +77,8 @@ def test_family_draw_subset_is_seeded_and_validation_scores_every_position(tiny_
     plus round(f T) sorted distinct positions, a pure function of the seed. A training micro-batch's loss uses
     them; validation (StepInfo index -1) scores every position, i.e. the fraction-1 loss."""
     from dbscale import families
+    from dbscale.create_run import prepare_run
     from dbscale.families.base import StepInfo
-    from dbscale.run import prepare_run
 
     run = prepare_run(tiny_cfg(), tmp_path / "run", log=lambda *a: None)
     family = families.get("llama")

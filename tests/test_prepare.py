@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dbscale.config import config_from_dict
+from dbscale.create_run import prepare_run
 from dbscale.data.sources import load_split_documents
 from dbscale.errors import DataError
-from dbscale.run import prepare_run
+from dbscale.families import config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

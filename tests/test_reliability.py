@@ -12,9 +12,10 @@ import pytest
 import torch
 from conftest import ROOT, events, fault_env
 
+from dbscale.create_run import prepare_run
 from dbscale.errors import CheckpointError, DataError, RunError
 from dbscale.merge import load_merged, merge_run
-from dbscale.run import MANIFEST, open_run, prepare_run
+from dbscale.run import MANIFEST, open_run
 from dbscale.train import checkpoint as ckpt
 from dbscale.train.lock import LOCK
 

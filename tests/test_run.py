@@ -5,9 +5,10 @@ import json
 import pytest
 import yaml
 
+from dbscale.create_run import prepare_run
 from dbscale.errors import RunError
 from dbscale.inspect import dry_run_report
-from dbscale.run import CONFIG, MANIFEST, TOKENIZER, open_run, prepare_run
+from dbscale.run import CONFIG, MANIFEST, TOKENIZER, open_run
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from test_models import randomize
 
-from dbscale.config import Config, ModelConfig, config_from_dict
+from dbscale.config import Config, ModelConfig
 from dbscale.errors import ConfigError
+from dbscale.families import config_from_dict
 from dbscale.generate import generate_ids
 from dbscale.models.llama import DiffusionBlocksLM, LlamaLM, StreamBlock, denoiser_loss, frozen_target_embedding
 

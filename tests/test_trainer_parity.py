@@ -4,8 +4,9 @@ initialisation, batches, schedule and clipping must produce the same losses (ZeR
 import pytest
 import torch
 
+from dbscale import families
+from dbscale.create_run import prepare_run
 from dbscale.models.llama import DenoiserBlock, LlamaLM, denoiser_loss, lm_loss
-from dbscale.run import prepare_run
 from dbscale.train.deepspeed_config import lr_lambda
 from dbscale.train.metrics import read_metrics
 
@@ -58,7 +59,7 @@ def test_deepspeed_trainer_matches_plain_torch(process_group, tiny_cfg, tmp_path
         model = DenoiserBlock(
             cfg.model,
             run.vocab_size,
-            cfg.layer_allocation()[block],
+            families.layer_allocation(cfg)[block],
             cfg.diffusion.sigma_data,
             table,
         )

@@ -12,10 +12,11 @@ import pytest
 import torch
 from conftest import ROOT, events
 
+from dbscale.create_run import prepare_run
 from dbscale.errors import CheckpointError, RunError
 from dbscale.files import sha256_file
 from dbscale.merge import merge_run
-from dbscale.run import open_run, prepare_run, started_blocks
+from dbscale.run import open_run, started_blocks
 from dbscale.train import checkpoint as ckpt
 from dbscale.train.lock import LOCK
 

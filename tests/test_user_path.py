@@ -6,10 +6,12 @@ import json
 import pytest
 
 from dbscale.commands.prepare import data_overrides
-from dbscale.config import ConfigError, config_from_dict, load_config
+from dbscale.config import ConfigError
+from dbscale.create_run import prepare_run
 from dbscale.data.sources import cut_into_documents, load_documents, load_split_documents
 from dbscale.errors import DataError, RunError
-from dbscale.run import open_run, prepare_run
+from dbscale.families import config_from_dict, load_config
+from dbscale.run import open_run
 
 
 def quiet(*args):

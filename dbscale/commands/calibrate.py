@@ -10,6 +10,8 @@ and reused by later calls unless --remeasure; the prepare dry run and `dbscale s
 
 import json
 
+from dbscale import families
+
 
 def add_arguments(p) -> None:
     from dbscale.diffusion.calibrate import METHODS
@@ -37,7 +39,7 @@ def execute(args, p) -> int:
         curve = read_json(path, "calibration record")["curve"]
         print(f"[calibrate] reusing the curve in {path} ({curve['steps']} steps); --remeasure to measure again")
     else:
-        layers = args.layers or run.config.layer_allocation()[0]
+        layers = args.layers or families.layer_allocation(run.config)[0]
         print(f"[calibrate] training a {layers}-layer denoiser for {args.steps} steps over the full sigma range")
         curve = measure_loss_curve(run, args.steps, layers, args.grid)
     prepared = run.manifest.get("calibration", {}).get("prepared_config", run.config.to_dict())["diffusion"]

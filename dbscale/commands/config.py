@@ -39,7 +39,8 @@ def markdown() -> str:
 
 
 def execute(args, p) -> int:
-    from dbscale.config import describe, load_config
+    from dbscale.config import describe
+    from dbscale.families import load_config
 
     if args.markdown:
         text = markdown()

@@ -22,8 +22,8 @@ from dbscale.errors import GenerationError
 def run_prompts(args, tokenizer, manifest) -> list[str]:
     """The prompts of --prompt / --prompt-file as the model's training text was written (its data.normalize and
     out-of-vocabulary rule), so 'The Congress' reaches a text8-normalised character model as 'the congress'."""
-    from dbscale.config import frozen_config_from_dict
     from dbscale.data.sources import as_run_text
+    from dbscale.families import frozen_config_from_dict
 
     data = frozen_config_from_dict(manifest["config"], where=f"{args.model}/manifest.json").data
     return [as_run_text(prompt, data, tokenizer) for prompt in read_prompts(args)]

@@ -38,7 +38,8 @@ def data_overrides(data: str) -> list[str]:
 
 
 def execute(args, p) -> int:
-    from dbscale.config import describe, load_config
+    from dbscale.config import describe
+    from dbscale.families import load_config
 
     if args.help_config:
         print(describe())
@@ -54,7 +55,7 @@ def execute(args, p) -> int:
         return 0
     if not args.run:
         p.error("--run is required (or pass --dry-run)")
-    from dbscale.run import prepare_run
+    from dbscale.create_run import prepare_run
 
     prepare_run(cfg, args.run)
     return 0

@@ -16,7 +16,20 @@ import os
 
 from dbscale.families.base import Family, Job, StepInfo, derive_seed
 
-__all__ = ["Family", "Job", "StepInfo", "derive_seed", "get", "names", "register"]
+__all__ = [
+    "Family",
+    "Job",
+    "StepInfo",
+    "check",
+    "config_from_dict",
+    "derive_seed",
+    "frozen_config_from_dict",
+    "get",
+    "layer_allocation",
+    "load_config",
+    "names",
+    "register",
+]
 
 _REGISTRY: dict[str, Family] = {}
 
@@ -55,3 +68,43 @@ def get(name: str) -> Family:
     if name not in _REGISTRY:
         raise KeyError(f"unknown model family '{name}'; known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
+
+
+def check(cfg, fail) -> None:
+    """The rules of the config's family (fail(key, message) raises the ConfigError), after dbscale.config's own."""
+    try:
+        family = get(cfg.model.family)
+    except KeyError as e:
+        fail(
+            "model.family",
+            f"{e.args[0]}. Fix: choose one of them, or import the module that registers yours "
+            "(DBSCALE_FAMILIES=package.module).",
+        )
+    family.validate(cfg, fail)
+
+
+def layer_allocation(cfg) -> list[int]:
+    """Layers owned by each block, block 0 first, as the config's family decides (a Huginn block, say, is a
+    whole prelude + core + coda)."""
+    return get(cfg.model.family).layer_allocation(cfg)
+
+
+# The config loaders of dbscale.config, with the family's rules: what every caller that loads a run's config uses.
+
+
+def config_from_dict(data, where: str = "<config>"):
+    from dbscale import config
+
+    return config.config_from_dict(data, where, check)
+
+
+def frozen_config_from_dict(data, where: str = "<run config>"):
+    from dbscale import config
+
+    return config.frozen_config_from_dict(data, where, check)
+
+
+def load_config(path, overrides=None):
+    from dbscale import config
+
+    return config.load_config(path, overrides, check)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dbscale.config import default_layer_allocation
+
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed that is a pure function of the integers given (numpy's SeedSequence): data windows,
@@ -63,10 +65,7 @@ class Family:
 
     def layer_allocation(self, cfg) -> list[int]:
         """Layers owned by each block, block 0 (highest noise, next to the input) first."""
-        d = cfg.diffusion
-        if d.layers_per_block is not None:
-            return list(d.layers_per_block)
-        return [cfg.model.n_layers // d.num_blocks] * d.num_blocks
+        return default_layer_allocation(cfg)
 
     # --- the partition: what the manifest stores, and what every job and merged model reads back ------------
     def partition_record(self, cfg) -> dict:

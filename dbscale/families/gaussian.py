@@ -127,7 +127,7 @@ class GaussianFamily(Family):
         density = np.exp(-((np.log(sigma) - d.P_mean) ** 2) / (2 * d.P_std**2)) / (d.P_std * math.sqrt(2 * math.pi))
         fig, ax = plt.subplots(figsize=(8, 3.6))
         ax.plot(sigma, density, color="black", lw=1.5, label=f"ln sigma ~ N({d.P_mean}, {d.P_std}^2)")
-        from dbscale.report import shade_intervals
+        from dbscale.plotting import shade_intervals
 
         shade_intervals(ax, sigma, density, part["block_intervals"], part["train_intervals"])
         ax.set_xscale("log")

@@ -34,7 +34,8 @@ class LlamaFamily(GaussianFamily):
 
         if manifest["kind"] == "blocks":
             partition = self.partition(manifest["partition"])
-            return DiffusionBlocksLM(cfg, vocab_size, state["target_embedding"], partition), state
+            layers = self.layer_allocation(cfg)
+            return DiffusionBlocksLM(cfg, vocab_size, state["target_embedding"], partition, layers), state
         return LlamaLM(cfg.model, vocab_size), state
 
     def dry_run_models(self, cfg, vocab_size: int):

@@ -109,7 +109,7 @@ class MaskedFamily(Family):
 
         e2e = manifest["kind"] == "e2e"
         partition = None if e2e else self.partition(manifest["partition"])
-        model = MaskedDiffusionLM(cfg, vocab_size, e2e=e2e, partition=partition)
+        model = MaskedDiffusionLM(cfg, vocab_size, e2e=e2e, partition=partition, layers=self.layer_allocation(cfg))
         if e2e:  # the baseline's keys are one denoiser's: it is block 0 of the merged model
             state = {f"blocks.0.{k}": v for k, v in state.items()}
         return model, state
@@ -122,7 +122,7 @@ class MaskedFamily(Family):
 
     def partition_figure(self, run, path, plt) -> None:
         """alpha(t) with each block's t-slice shaded (equal decrements of alpha), overlap hatched."""
-        from dbscale.report import shade_intervals
+        from dbscale.plotting import shade_intervals
 
         part = run.manifest["partition"]
         schedule = schedule_from_config(run.config.diffusion)

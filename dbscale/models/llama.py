@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dbscale.config import Config, ModelConfig
+from dbscale.config import Config, ModelConfig, default_layer_allocation
 from dbscale.diffusion.noise import edm_loss_weight, edm_precond, frozen_target_embedding  # noqa: F401 (re-export)
 from dbscale.diffusion.partition import Partition, default_num_steps, step_sigmas, steps_to_blocks
 from dbscale.diffusion.sampler import clean_estimate, sample_chain
@@ -475,14 +475,14 @@ class DiffusionBlocksLM(nn.Module):
     uniforms of sampled estimates, the noise of ancestral steps) comes from a generator seeded by (seed,
     position), so cached, uncached and teacher-forced runs of the chain draw the same numbers."""
 
-    def __init__(self, cfg: Config, vocab_size: int, target_embedding: torch.Tensor, partition=None):
-        """partition: the run's `Partition` as its manifest records it (default: computed from cfg)."""
+    def __init__(self, cfg: Config, vocab_size: int, target_embedding: torch.Tensor, partition=None, layers=None):
+        """partition: the run's `Partition` as its manifest records it (default: computed from cfg); layers: each
+        block's layer count, as the family allocates them (default: diffusion.layers_per_block or an even split)."""
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         d = cfg.diffusion
-        self.blocks = nn.ModuleList(
-            self.make_block(cfg, vocab_size, n, target_embedding.float()) for n in cfg.layer_allocation()
-        )
+        layers = default_layer_allocation(cfg) if layers is None else layers
+        self.blocks = nn.ModuleList(self.make_block(cfg, vocab_size, n, target_embedding.float()) for n in layers)
         self.register_buffer("target_embedding", target_embedding.float(), persistent=True)
         self.partition = partition or Partition.from_config(d)
         self.set_sample_steps(None)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dbscale.config import Config, ModelConfig
+from dbscale.config import Config, ModelConfig, default_layer_allocation
 from dbscale.diffusion.masking import MaskSchedule, TPartition, sample_steps, schedule_from_config
 from dbscale.models.layers import (
     Head,
@@ -108,15 +108,18 @@ class MaskedDiffusionLM(nn.Module):
 
     The end-to-end baseline is the same object with one block of all L layers owning [0, 1]."""
 
-    def __init__(self, cfg: Config, vocab_size: int, e2e: bool = False, partition: TPartition | None = None):
-        """partition: the run's `TPartition` as its manifest records it (default: computed from cfg)."""
+    def __init__(
+        self, cfg: Config, vocab_size: int, e2e: bool = False, partition: TPartition | None = None, layers=None
+    ):
+        """partition: the run's `TPartition` as its manifest records it (default: computed from cfg); layers: each
+        block's layer count, as the family allocates them (default: diffusion.layers_per_block or an even split)."""
         super().__init__()
         self.cfg, self.vocab_size, self.mask_id = cfg, vocab_size, vocab_size
         self.schedule = schedule_from_config(cfg.diffusion)
         if e2e:
             alloc, self.intervals = [cfg.model.n_layers], [(0.0, 1.0)]
         else:
-            alloc = cfg.layer_allocation()
+            alloc = default_layer_allocation(cfg) if layers is None else layers
             self.intervals = list((partition or TPartition.from_config(cfg.diffusion)).intervals)
         self.blocks = nn.ModuleList(MaskedDenoiser(cfg.model, vocab_size, n) for n in alloc)
         self.time_conditioned = cfg.model.time_conditioning

@@ -35,7 +35,8 @@ def parse_args(argv: list[str], kind: str) -> argparse.Namespace:
 
 
 def _apply_train_overrides(run, overrides: list[str]) -> None:
-    from dbscale.config import apply_overrides, config_from_dict
+    from dbscale.config import apply_overrides
+    from dbscale.families import config_from_dict
 
     for item in overrides:
         if not item.split("=", 1)[0].strip().startswith("train."):
