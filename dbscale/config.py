@@ -250,11 +250,12 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["sotu", "files", "hf", "lm1b", "openwebtext", "text8"] = _field(
+    source: Literal["sotu", "files", "hf", "lm1b", "openwebtext", "text8", "khop"] = _field(
         "sotu",
         "Corpus: 'sotu' (bundled speeches), 'files' (local .txt files/folders in `paths`), 'hf' (any HF "
         "dataset via hf_path), 'lm1b', 'openwebtext' (HF presets) or 'text8' (HF, or a local raw text8 file "
-        "in hf_data_files, split by position 90/5/5 %).",
+        "in hf_data_files, split by position 90/5/5 %) or 'khop' (the generated k-hop induction task, "
+        "dbscale/data/khop.py: the khop_* fields).",
     )
     paths: list[str] = _field(
         [],
@@ -269,6 +270,11 @@ class DataConfig:
     )
     document_separator: str = _field("\n\n", "Where a file may be cut into documents (default: blank lines).")
     document_chars: int = _field(20_000, "Characters per document when files are cut (split_files).")
+    khop_symbols: int = _field(64, "Source 'khop': symbols per sequence (N); a document is 2N + 1 characters.")
+    khop_alphabet: int = _field(4, "Source 'khop': alphabet size of the symbols.")
+    khop_max_k: int = _field(8, "Source 'khop': hops k drawn uniformly in 1..khop_max_k (at most 9), one per document.")
+    khop_documents: int = _field(100_000, "Source 'khop': training documents generated from data.seed.")
+    khop_val_documents: int = _field(2_000, "Source 'khop': validation documents (never a training sequence).")
     hf_path: str | None = _field(None, "HF datasets path for source 'hf' (e.g. 'json' with hf_data_files).")
     hf_name: str | None = _field(None, "HF dataset configuration name.")
     hf_split: str = _field("train", "HF split to read documents from.")
@@ -612,7 +618,14 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             "target_dim",
         ),
         "diffusion": ("sample_steps", "sample_top_k"),
-        "data": ("max_documents", "tokenizer_train_chars", "document_chars"),
+        "data": (
+            "max_documents",
+            "tokenizer_train_chars",
+            "document_chars",
+            "khop_symbols",
+            "khop_documents",
+            "khop_val_documents",
+        ),
     }
     for section, keys in positive.items():
         for key in keys:
@@ -688,6 +701,22 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         fail("data.vocab_size", f"must be >= 64, got {data.vocab_size}.")
     if data.shard_tokens < 1024:
         fail("data.shard_tokens", "must be >= 1024.")
+    if data.source == "khop":
+        if not 2 <= data.khop_alphabet <= 26 or not 1 <= data.khop_max_k <= 9:
+            fail("data.khop_alphabet", "needs 2 <= khop_alphabet <= 26 and 1 <= khop_max_k <= 9.")
+        if data.tokenizer_type != "char" or cfg.model.seq_len != 2 * data.khop_symbols + 1:
+            fail(
+                "data.source",
+                f"'khop' reads documents of 2N+1 = {2 * data.khop_symbols + 1} characters, one per training window: "
+                f"set data.tokenizer_type: char, model.seq_len: {2 * data.khop_symbols + 1} and data.alphabet as in "
+                "configs/khop_b4.yaml (dbscale.data.khop.alphabet).",
+            )
+        if data.shard_tokens % (2 * data.khop_symbols + 2):
+            fail(
+                "data.shard_tokens",
+                f"must be a multiple of a k-hop document's {2 * data.khop_symbols + 2} tokens (separator included), "
+                "so no document crosses a shard.",
+            )
     if data.num_workers is not None and data.num_workers < 1:
         fail("data.num_workers", f"must be >= 1 (or null: one per CPU core), got {data.num_workers}.")
 

@@ -200,17 +200,20 @@ class TokenShards:
             )
         return np.clip(usable + 1, 0, None)
 
-    def random_windows(self, rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
-        """(batch, length) int64 windows at uniformly random offsets (shards weighted by size)."""
+    def random_windows(self, rng: np.random.Generator, batch: int, length: int, stride: int | None = None):
+        """(batch, length) int64 windows at uniformly random offsets (shards weighted by size); with `stride`, at
+        offsets that are multiples of it only (one whole document per window when documents have one length)."""
         starts_per_shard = self._check(length)
+        if stride:
+            starts_per_shard = (starts_per_shard + stride - 1) // stride
         p = starts_per_shard / starts_per_shard.sum()
         shard_ids = rng.choice(len(self.arrays), size=batch, p=p)
         out = np.empty((batch, length), dtype=np.int64)
         for i, s in enumerate(shard_ids):
-            start = int(rng.integers(0, starts_per_shard[s]))
+            start = int(rng.integers(0, starts_per_shard[s])) * (stride or 1)
             out[i] = self.arrays[s][start : start + length]
         return out
 
-    def fixed_windows(self, count: int, length: int, seed: int = 0) -> np.ndarray:
+    def fixed_windows(self, count: int, length: int, seed: int = 0, stride: int | None = None) -> np.ndarray:
         """A reproducible set of windows for validation."""
-        return self.random_windows(np.random.default_rng(seed), count, length)
+        return self.random_windows(np.random.default_rng(seed), count, length, stride)

@@ -338,6 +338,17 @@ class DocumentStream:
             self.where = f"data.paths {cfg.paths}"
         elif cfg.source == "text8":
             self.where = "text8"
+        elif cfg.source == "khop":
+            from dbscale.data import khop
+
+            self.where = "the generated k-hop task"
+            expected = khop.alphabet(cfg.khop_alphabet, cfg.khop_max_k)
+            if cfg.alphabet != expected:
+                raise DataError(
+                    f"data.alphabet: the k-hop task with khop_alphabet {cfg.khop_alphabet} and khop_max_k "
+                    f"{cfg.khop_max_k} writes the characters {expected!r}. Fix: set data.alphabet: {expected!r} "
+                    f"and data.vocab_size: {len(expected)}."
+                )
         else:
             self._hf = _hf_dataset(cfg)
             self.where = f"the HF dataset '{self._hf[1]}'"
@@ -353,7 +364,14 @@ class DocumentStream:
 
     def _raw(self):
         cfg = self.cfg
-        if cfg.source == "text8":
+        if cfg.source == "khop":
+            from dbscale.data import khop
+
+            sizes = (cfg.khop_symbols, cfg.khop_alphabet, cfg.khop_max_k, cfg.khop_documents, cfg.khop_val_documents)
+            docs = khop.documents(cfg.seed, *sizes)
+            for i, (split, text) in enumerate(docs):
+                yield Document(text, f"k-hop document {i}", len(text), split)
+        elif cfg.source == "text8":
             train, val = _text8_documents(cfg)
             yield Document(train[0], "text8 train", len(train[0]), "train")
             yield Document(val[0], "text8 validation", len(val[0]), "val")

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from dbscale import families
+from dbscale.data.khop import window_stride
 from dbscale.errors import CheckpointError, DbscaleError, RunError
 from dbscale.families import StepInfo
 from dbscale.families import derive_seed as _seed
@@ -150,7 +151,7 @@ class Trainer:
             # Seeded by the micro-batch's global index within the step, so W ranks x G accumulation steps draw
             # the same data as one rank accumulating W*G micro-batches (with one rank: index = micro).
             rng = np.random.default_rng(_seed(t.seed, step, 0, self._global_micro(micro), 1))
-            windows = self.train_shards.random_windows(rng, mb, length)
+            windows = self.train_shards.random_windows(rng, mb, length, window_stride(self.cfg.data))
         window = torch.from_numpy(windows).to(self.device)
         index = micro if validation else self._global_micro(micro)
         noise_seed = _seed(t.seed, self.job_id, step, 0, index, 2 if not validation else 3)
@@ -401,7 +402,8 @@ class Trainer:
     def _train(self) -> dict:
         t = self.cfg.train
         start = self.resume()
-        self._val_windows = self.val_shards.fixed_windows(t.val_batches * t.micro_batch, self.window_len)
+        stride = window_stride(self.cfg.data)
+        self._val_windows = self.val_shards.fixed_windows(t.val_batches * t.micro_batch, self.window_len, 0, stride)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle_signal)
         tokens_per_step = t.micro_batch * t.grad_accum * self.world * self.cfg.model.seq_len
