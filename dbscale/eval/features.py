@@ -111,7 +111,7 @@ def mauve_score(reference: np.ndarray, generated: np.ndarray, seed: int = 25, sc
         mauve_scaling_factor=scaling_factor,
     )
     return {
-        "mauve": float(result.mauve),
+        "mauve": min(1.0, max(0.0, float(result.mauve))),  # an area in [0, 1]; the package can overshoot by 2e-16
         "frontier_integral": float(result.frontier_integral),
         "scaling_factor": scaling_factor,
         "num_reference": len(reference),
