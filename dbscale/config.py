@@ -204,6 +204,14 @@ class DiffusionConfig:
         "for the sigma-free block, model.block 'stream' with model.time_conditioning false, where no layer reads "
         "sigma, so each target can carry its own draw at no cost).",
     )
+    stack_context: bool = _field(
+        False,
+        "Llama chain of sigma-free blocks (model.block stream, model.time_conditioning false): block b > 0 reads "
+        "the last-layer features of block b-1's clean stream, frozen, instead of the token ids, so block b's "
+        "context passes through the layers of blocks 0..b (docs/results/depth.md). Blocks then train in order: "
+        "a block job loads its finished predecessors (forward only, no gradient crosses a boundary) and refuses "
+        "to start, or to resume, on a missing or changed one.",
+    )
     mask_schedule: Literal["linear", "loglinear", "cosine"] = _field(
         "linear",
         "Masked family: alpha(t) = P(token unmasked at t): 'linear' 1-t (MD4), 'loglinear' 1-(1-eps)t (MDLM), "
@@ -673,6 +681,13 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         fail("diffusion.prior_loss", f"must be >= 0 (0 = no prior term), got {d.prior_loss}.")
     if not 0 < d.noisy_fraction <= 1:
         fail("diffusion.noisy_fraction", f"must be in (0, 1] (1 = every position), got {d.noisy_fraction}.")
+    if d.stack_context and not (m.family == "llama" and m.block == "stream" and not m.time_conditioning):
+        fail(
+            "diffusion.stack_context",
+            "true needs the Llama family's sigma-free block (model.block: stream, model.time_conditioning: false): "
+            "a block reads its predecessor's clean-stream features, which must not depend on sigma. Fix: set "
+            "those two fields, or remove diffusion.stack_context.",
+        )
     if d.sample_steps is not None and d.sample_steps < d.num_blocks:
         fail(
             "diffusion.sample_steps",

@@ -55,3 +55,16 @@ def read_json(path: str | Path, what: str) -> dict:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunError(f"{path}: {what} is not valid JSON ({e}); the file is damaged.") from None
+
+
+def state_sha256(state: dict) -> str:
+    """A hash of a tensor state dict's names, dtypes, shapes and values (however it was stored)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

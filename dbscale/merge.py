@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dbscale.errors import CheckpointError, RunError
-from dbscale.files import atomic_write_json, read_json, sha256_file
+from dbscale.files import atomic_write_json, read_json, sha256_file, state_sha256
 from dbscale.run import FORMAT_VERSION, TOKENIZER, Run, open_run
 from dbscale.train import checkpoint as ckpt
 
@@ -27,7 +27,7 @@ MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 
 
-def _consolidate(run: Run, block: int | None, allow_unfinished: bool) -> tuple[dict[str, torch.Tensor], dict]:
+def consolidate(run: Run, block: int | None, allow_unfinished: bool) -> tuple[dict[str, torch.Tensor], dict]:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -63,7 +63,10 @@ def _consolidate(run: Run, block: int | None, allow_unfinished: bool) -> tuple[d
             f"{info.path}: {name}'s checkpoint could not be consolidated ({type(e).__name__}: {str(e)[:300]}). "
             f"Nothing was merged. Fix: resume the job to write a fresh checkpoint ({launch})."
         ) from None
-    return {k: v.contiguous() for k, v in state.items()}, {"tag": info.tag, "step": info.step}
+    source = {"tag": info.tag, "step": info.step}
+    if info.marker.get("predecessors") is not None:  # a stacked block: the weights of the blocks it read
+        source["predecessors"] = info.marker["predecessors"]
+    return {k: v.contiguous() for k, v in state.items()}, source
 
 
 def merge_run(run_dir: str | Path, e2e: bool = False, allow_unfinished: bool = False, log=print) -> Path:
@@ -74,13 +77,17 @@ def merge_run(run_dir: str | Path, e2e: bool = False, allow_unfinished: bool = F
     out = run.root / ("e2e/merged" if e2e else "merged")
     jobs: list[int | None] = [None] if e2e else list(range(run.num_blocks))
     state: dict[str, torch.Tensor] = {}
-    sources = {}
+    sources, hashes = {}, {}
     for job in jobs:
-        part, source = _consolidate(run, job, allow_unfinished)
+        part, source = consolidate(run, job, allow_unfinished)
         prefix = "" if job is None else f"blocks.{job}."
         state.update({prefix + k: v for k, v in part.items()})
         sources["e2e" if job is None else str(job)] = source
+        if not e2e and run.config.diffusion.stack_context:
+            hashes[job] = state_sha256(part)
         log(f"[merge] {'e2e' if job is None else f'block {job}'}: {source['tag']} ({len(part)} tensors)")
+    if hashes:
+        check_stacked_chain({int(b): s for b, s in sources.items()}, hashes)
     if not e2e and "target_embedding_sha256" in run.manifest:
         state["target_embedding"] = run.load_target_embedding()
 
@@ -163,3 +170,17 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu", family: st
         )
     model.eval().to(device)
     return model, load_tokenizer(tok_path), manifest
+
+
+def check_stacked_chain(markers: dict[int, dict], hashes: dict[int, str]) -> None:
+    """Merge: every stacked block's recorded predecessors are the blocks being merged."""
+    for block, marker in sorted(markers.items()):
+        for record in marker.get("predecessors") or []:
+            b = record["block"]
+            if hashes.get(b) != record["sha256"]:
+                raise RunError(
+                    f"block {block} was trained on block {b} with weights sha256 {record['sha256'][:12]}, but the "
+                    f"block {b} being merged has {str(hashes.get(b))[:12]}: block {b} was retrained after block "
+                    f"{block} trained on it. Nothing was merged. Fix: retrain blocks {block}..{max(markers)} in "
+                    f"order (dbscale launch --run R --local --blocks {block},...), or restore block {b}."
+                )

@@ -27,7 +27,7 @@ def test_deepspeed_trainer_matches_plain_torch(process_group, tiny_cfg, tmp_path
     """Losses per step match, and the merged (consolidated) checkpoint equals the reference weights. With the
     memory switches (target-table head and context, chunked CE) the block's scalar logit scale goes through
     DeepSpeed too; with ZeRO-Offload the optimizer state lives in DeepSpeed's host-side partitions."""
-    from dbscale.merge import _consolidate
+    from dbscale.merge import consolidate
     from dbscale.train.trainer import Trainer, _seed
 
     model_switches = {"head": "target", "context_embedding": "target"} if switches else {}
@@ -83,7 +83,7 @@ def test_deepspeed_trainer_matches_plain_torch(process_group, tiny_cfg, tmp_path
         sched.step()
         ref_losses.append(loss.item())
     assert ds_losses == pytest.approx(ref_losses, rel=2e-4, abs=1e-5)
-    merged, source = _consolidate(run, block, allow_unfinished=False)
+    merged, source = consolidate(run, block, allow_unfinished=False)
     assert source["step"] == 5
     reference = model.state_dict()
     assert merged.keys() == reference.keys()

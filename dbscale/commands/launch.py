@@ -59,6 +59,14 @@ def execute(args, p) -> int:
             raise RunError(f"--blocks: {bad} not in 0..{B - 1} (this run has {B} blocks).")
     else:
         blocks = list(range(B))
+    stacked = run.config.diffusion.stack_context and len(blocks) > 1
+    if stacked and args.concurrent:
+        raise RunError(
+            f"{run.root}: its blocks stack contexts (diffusion.stack_context: true): block b reads the finished "
+            "block b-1, so they train one after another. Fix: drop --concurrent (a hostfile launch of such a run "
+            "also runs its blocks in order); under Slurm, launchers/slurm/submit_stacked.sh chains the tasks "
+            "with afterok."
+        )
     extra = [x for item in args.set for x in ("--set", item)]
     launches = plan(
         run,
@@ -96,7 +104,8 @@ def execute(args, p) -> int:
         )
     for launch in launches:
         print(f"[launch] {launch.name}: hosts {','.join(launch.hosts)}, master port {launch.port}, log {launch.log}")
-    codes = run_launches(launches, concurrent=bool(args.hostfile) or args.concurrent, cwd=None, env=env)
+    concurrent = (bool(args.hostfile) or args.concurrent) and not stacked  # stacked: block b waits for b-1
+    codes = run_launches(launches, concurrent=concurrent, cwd=None, env=env)
     rows = [job_status(run, launch.block) for launch in launches]
     for row, launch in zip(rows, launches, strict=True):
         row["exit"] = codes[launch.name]

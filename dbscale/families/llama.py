@@ -27,7 +27,8 @@ class LlamaFamily(GaussianFamily):
             return LlamaLM(cfg.model, job.vocab_size)
         table = job.extras["table"] if block_reads_table(cfg.model) else None
         n_layers = job.extras.get("layers") or self.layer_allocation(cfg)[job.block]
-        return denoiser_block(cfg.model, job.vocab_size, n_layers, cfg.diffusion.sigma_data, table)
+        stacked = cfg.diffusion.stack_context and job.block > 0  # reads block b-1's features
+        return denoiser_block(cfg.model, job.vocab_size, n_layers, cfg.diffusion.sigma_data, table, stacked)
 
     def build_merged(self, cfg, vocab_size: int, manifest: dict, state: dict[str, torch.Tensor]) -> tuple:
         from dbscale.models.llama import DiffusionBlocksLM, LlamaLM
@@ -42,9 +43,10 @@ class LlamaFamily(GaussianFamily):
         from dbscale.models.llama import LlamaLM, denoiser_block
 
         table = torch.empty(vocab_size, cfg.model.embed_dim)
+        stack = cfg.diffusion.stack_context
         blocks = [
-            denoiser_block(cfg.model, vocab_size, n, cfg.diffusion.sigma_data, table)
-            for n in self.layer_allocation(cfg)
+            denoiser_block(cfg.model, vocab_size, n, cfg.diffusion.sigma_data, table, stack and b > 0)
+            for b, n in enumerate(self.layer_allocation(cfg))
         ]
         return LlamaLM(cfg.model, vocab_size), blocks
 

@@ -239,7 +239,7 @@ class HuginnDiffusionLM(DiffusionBlocksLM):
     KV cache of the clean context; each block's prelude runs once per new token."""
 
     @staticmethod
-    def make_block(cfg: Config, vocab_size: int, n_layers: int, table: torch.Tensor) -> nn.Module:
+    def make_block(cfg: Config, vocab_size: int, n_layers: int, table: torch.Tensor, stacked: bool) -> nn.Module:
         return HuginnDenoiser(cfg.model, vocab_size, cfg.diffusion.sigma_data, table)
 
     def default_steps(self) -> int:

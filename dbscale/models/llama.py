@@ -113,9 +113,17 @@ def block_has_prior(cfg: ModelConfig) -> bool:
 
 
 def denoiser_block(
-    cfg: ModelConfig, vocab_size: int, n_layers: int, sigma_data: float, table: torch.Tensor | None
+    cfg: ModelConfig,
+    vocab_size: int,
+    n_layers: int,
+    sigma_data: float,
+    table: torch.Tensor | None,
+    stacked: bool = False,
 ) -> nn.Module:
-    """The AR denoiser block that model.block names."""
+    """The AR denoiser block that model.block names; stacked: it reads its predecessor's features
+    (diffusion.stack_context, a sigma-free single-stream block after the first)."""
+    if stacked:
+        return StreamBlock(cfg, vocab_size, n_layers, sigma_data, table, context_features=True)
     cls = StreamBlock if cfg.block == "stream" else DenoiserBlock
     return cls(cfg, vocab_size, n_layers, sigma_data, table)
 
@@ -143,7 +151,9 @@ class _BlockInputs(nn.Module):
 
     def embed_context(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.context_features:
-            return tokens  # already features
+            if tokens.is_floating_point():
+                return tokens  # already features
+            return self.predecessor_features(tokens)
         if self.cfg.context_embedding == "learned":
             return self.embed_tokens(tokens)
         return self.ctx_proj(self.target_table[tokens].to(self.ctx_proj.weight.dtype))
@@ -334,6 +344,53 @@ class StreamBlock(_BlockInputs):
             nn.init.zeros_(self.final_adaLN.weight)  # the final modulation starts as the identity
             nn.init.zeros_(self.final_adaLN.bias)
 
+    def read_from(self, predecessors: list[StreamBlock]) -> None:
+        """Stacked context (diffusion.stack_context), training: token ids given to this block pass first through
+        the frozen `predecessors` (blocks 0..b-1, in order), whose last residual stream is this block's input.
+        They are kept outside the module's parameters and state (no optimizer, checkpoint or gradient sees them)."""
+        for block in predecessors:
+            block.requires_grad_(False)
+            block.eval()
+        self.__dict__["_predecessors"] = list(predecessors)
+
+    @torch.no_grad()
+    def predecessor_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What the frozen predecessors hand this block for the clean tokens (B, Tc): their last residual stream."""
+        predecessors = self.__dict__.get("_predecessors")
+        if predecessors is None:
+            raise ValueError(
+                "this block reads its predecessor's features (diffusion.stack_context) and was given token ids "
+                "without its frozen predecessors (read_from)"
+            )
+        x = tokens
+        for block in predecessors:
+            block.to(tokens.device)
+            x = block.residual(x)
+        return x.to(self.norm.weight.dtype)
+
+    def residual(
+        self,
+        clean_tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        mods: list | None = None,
+    ) -> torch.Tensor:
+        """The last layer's residual stream (B, Tc, d), before the final norm: what a stacked successor reads.
+        mods: every layer's adaLN modulation (a noise-conditioned block)."""
+        Tc = clean_tokens.shape[1]
+        x = self.embed_context(clean_tokens)
+        if positions is None:
+            positions = torch.arange(Tc, device=x.device)
+        mask = None
+        if cache is not None:
+            key_pos = positions if cache.positions is None else torch.cat([cache.positions, positions])
+            mask = stream_attention_mask(key_pos, torch.ones_like(key_pos, dtype=torch.bool), Tc)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        h = run_layers(self.layers, x, cos, sin, mask, None, cache, Tc, self.activation_checkpointing, mods)
+        if cache is not None:
+            cache.positions = key_pos
+        return h
+
     def hidden(
         self,
         clean_tokens: torch.Tensor,
@@ -344,26 +401,18 @@ class StreamBlock(_BlockInputs):
         """The normed (and, noise-conditioned, modulated) last-layer states (B, Tc, d) of the clean tokens
         (B, Tc) ids or (B, Tc, d) features; row j reads x_0..x_j and gives the prior for x_{j+1}. With a cache,
         the tokens are appended to it. sigma (B,) is read only by a noise-conditioned block."""
-        B, Tc = clean_tokens.shape[:2]
-        x = self.embed_context(clean_tokens)
-        if positions is None:
-            positions = torch.arange(Tc, device=x.device)
-        mods, shift, scale = None, 0.0, 0.0
+        conditioning = None
         if not self.sigma_free:
             if sigma is None or sigma.dim() != 1:
                 raise ValueError("a noise-conditioned block takes one sigma per sequence, (B,)")
             c_noise = edm_precond(at_least_fp32(sigma), self.sigma_data)[3]
-            mods, (shift, scale) = self.time_conditioning(c_noise, cache)
-        mask = None
-        if cache is not None:
-            key_pos = positions if cache.positions is None else torch.cat([cache.positions, positions])
-            mask = stream_attention_mask(key_pos, torch.ones_like(key_pos, dtype=torch.bool), Tc)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        h = run_layers(self.layers, x, cos, sin, mask, None, cache, Tc, self.activation_checkpointing, mods)
-        if cache is not None:
-            cache.positions = key_pos
+            conditioning = self.time_conditioning(c_noise, cache)
+        h = self.residual(clean_tokens, positions, cache, None if conditioning is None else conditioning[0])
         h = self.norm(h)
-        return h if self.sigma_free else modulate(h, shift, scale)
+        if conditioning is None:
+            return h
+        shift, scale = conditioning[1]
+        return modulate(h, shift, scale)
 
     def evidence(self, z: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(z / sigma^2, E) for the head: the Gaussian log-likelihood <z, E_v> / sigma^2 of each target row
@@ -482,7 +531,11 @@ class DiffusionBlocksLM(nn.Module):
         self.cfg, self.vocab_size = cfg, vocab_size
         d = cfg.diffusion
         layers = default_layer_allocation(cfg) if layers is None else layers
-        self.blocks = nn.ModuleList(self.make_block(cfg, vocab_size, n, target_embedding.float()) for n in layers)
+        self.stacked = d.stack_context  # block b > 0 reads block b-1's residual stream
+        self.blocks = nn.ModuleList(
+            self.make_block(cfg, vocab_size, n, target_embedding.float(), b > 0 and self.stacked)
+            for b, n in enumerate(layers)
+        )
         self.register_buffer("target_embedding", target_embedding.float(), persistent=True)
         self.partition = partition or Partition.from_config(d)
         self.set_sample_steps(None)
@@ -501,8 +554,8 @@ class DiffusionBlocksLM(nn.Module):
         self.step_blocks = step_blocks
 
     @staticmethod
-    def make_block(cfg: Config, vocab_size: int, n_layers: int, table: torch.Tensor) -> nn.Module:
-        return denoiser_block(cfg.model, vocab_size, n_layers, cfg.diffusion.sigma_data, table)
+    def make_block(cfg: Config, vocab_size: int, n_layers: int, table: torch.Tensor, stacked: bool) -> nn.Module:
+        return denoiser_block(cfg.model, vocab_size, n_layers, cfg.diffusion.sigma_data, table, stacked)
 
     @property
     def sigma_free(self) -> bool:
@@ -512,10 +565,16 @@ class DiffusionBlocksLM(nn.Module):
 
     def priors(self, context: list[torch.Tensor], clean_pos=None, cache=None, last: bool = False) -> list:
         """Sigma-free blocks: each block's prior logits for the clean tokens context[b] (B, Tc) (cache: one
-        per block), (B, Tc, V), or only the last row's (B, 1, V)."""
-        out = []
+        per block), (B, Tc, V), or only the last row's (B, 1, V). Stacked (diffusion.stack_context): block 0
+        reads context[0] and every later block its predecessor's residual stream."""
+        out, features = [], None
         for b, block in enumerate(self.blocks):
-            h = block.hidden(context[b], None, clean_pos, None if cache is None else cache[b])
+            block_cache = None if cache is None else cache[b]
+            if self.stacked:
+                features = block.residual(context[0] if features is None else features, clean_pos, block_cache)
+                h = block.norm(features)
+            else:
+                h = block.hidden(context[b], None, clean_pos, block_cache)
             out.append(block.lm_head(h[:, -1:] if last else h))
         return out
 

@@ -29,6 +29,7 @@ from dbscale.train import checkpoint as ckpt
 from dbscale.train.deepspeed_config import deepspeed_config, lr_lambda
 from dbscale.train.lock import JobLock
 from dbscale.train.metrics import MetricsLogger, peak_memory_bytes
+from dbscale.train.stacking import check_predecessors, load_predecessors
 
 
 class TrainingError(DbscaleError):
@@ -101,6 +102,10 @@ class Trainer:
         torch.manual_seed(_seed(cfg.train.seed, self.job_id, 17))  # same init on every rank
         model = self.family.build(self.family_job)
         model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.predecessors = None  # stacked context: the frozen blocks this one reads, as its checkpoints record
+        if block and cfg.diffusion.stack_context:
+            frozen, self.predecessors = load_predecessors(run, block, self.family)
+            model.read_from(frozen)
         init = load_init_weights(run, block)  # imported weights (tools/import_hf.py); a checkpoint overrides them
         if init is not None:
             model.load_state_dict(init, strict=True)
@@ -189,7 +194,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------
     def _identity(self, step: int) -> dict:
-        return {
+        identity = {
             "run_id": self.run.run_id,
             "block": self.block,
             "step": step,
@@ -199,6 +204,9 @@ class Trainer:
             "zero_stage": self.cfg.train.zero_stage,
             "tokenizer_sha256": self.run.manifest["tokenizer_sha256"],
         }
+        if self.predecessors is not None:
+            identity["predecessors"] = self.predecessors
+        return identity
 
     def save(self, step: int) -> None:
         """Write a checkpoint and publish it (marker, then `latest`). If writing fails on any rank (a full
@@ -349,6 +357,8 @@ class Trainer:
         return int(marker["step"])
 
     def _check_resumable(self, info: ckpt.CheckpointInfo) -> None:
+        if self.predecessors is not None:
+            check_predecessors(info.path, self.block, info.marker.get("predecessors"), self.predecessors)
         saved_world, saved_stage = info.marker["world_size"], info.marker["zero_stage"]
         global_batch = saved_world * info.marker.get("grad_accum", self.cfg.train.grad_accum)
         fixes = []
