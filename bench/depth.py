@@ -83,6 +83,7 @@ def main() -> int:
     p.add_argument("--out", default="depth.json", help="result file name under bench/results/")
     args = p.parse_args()
     from dbscale.merge import load_merged
+    from dbscale.models.ensemble import EnsembleLM
 
     torch.manual_seed(0)
     path = RESULTS / args.out
@@ -95,15 +96,14 @@ def main() -> int:
         run_dir = next(q for q in Path(dirs[0]).resolve().parents if (q / "config.yaml").is_file())
         windows, run = held_out(run_dir, args.documents)  # R/merged or R/e2e/merged: the run R holds the data
         tok = run.tokenizer()
-        logps = [answer_logprobs(m, windows) for m in models]
         results = {}
-        if ensemble:
-            product = np.mean(logps, axis=0)
-            mixture = np.log(np.mean(np.exp(logps), axis=0))
-            results["product_of_experts"] = score(product.argmax(-1), windows, tok, run.config.data.khop_max_k)
-            results["mixture"] = score(mixture.argmax(-1), windows, tok, run.config.data.khop_max_k)
+        if ensemble:  # the ensemble evaluate --ensemble reads (dbscale/models/ensemble.py)
+            for kind, mode in (("product_of_experts", "product"), ("mixture", "mixture")):
+                logp = answer_logprobs(EnsembleLM(models, mode), windows)
+                results[kind] = score(logp.argmax(-1), windows, tok, run.config.data.khop_max_k)
         else:
-            results["model"] = score(logps[0].argmax(-1), windows, tok, run.config.data.khop_max_k)
+            logp = answer_logprobs(models[0], windows)
+            results["model"] = score(logp.argmax(-1), windows, tok, run.config.data.khop_max_k)
         rows[label] = {"models": dirs, **results}
         for kind, r in results.items():
             per_k = "  ".join(f"k={k}: {v['accuracy']:.3f}" for k, v in r["per_k"].items())

@@ -172,6 +172,33 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu", family: st
     return model, load_tokenizer(tok_path), manifest
 
 
+def load_ensemble(paths: list[str | Path], mode: str = "product", device: str | torch.device = "cpu"):
+    """Merged plain LMs (end-to-end baselines) of one tokenizer as one EnsembleLM (dbscale/models/ensemble.py).
+    Returns (model, tokenizer, manifest of the first member with kind 'ensemble' and the members listed)."""
+    from dbscale.models.ensemble import EnsembleLM
+
+    if len(paths) < 2:
+        raise RunError(f"an ensemble needs at least two merged models, got {len(paths)}: {', '.join(map(str, paths))}")
+    members, first, tok = [], None, None
+    for path in paths:
+        model, tokenizer, manifest = load_merged(path, device)
+        if manifest["kind"] != "e2e":
+            raise RunError(
+                f"{path}: a DiffusionBlocks chain; an ensemble is made of plain LMs (end-to-end baselines, "
+                "R/e2e/merged)."
+            )
+        if first is None:
+            first, tok = manifest, tokenizer
+        elif manifest["tokenizer_sha256"] != first["tokenizer_sha256"]:
+            raise RunError(f"{path}: uses another tokenizer than {paths[0]}; ensemble members must share one.")
+        members.append(model)
+    try:
+        ensemble = EnsembleLM(members, mode)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    return ensemble.eval(), tok, {**first, "kind": "ensemble", "mode": mode, "members": [str(p) for p in paths]}
+
+
 def check_stacked_chain(markers: dict[int, dict], hashes: dict[int, str]) -> None:
     """Merge: every stacked block's recorded predecessors are the blocks being merged."""
     for block, marker in sorted(markers.items()):

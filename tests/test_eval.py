@@ -105,6 +105,22 @@ def test_protocol_compares_two_models_on_the_same_prompts(trained_run):
         evaluate([trained_run.root / "merged"], trained_run.root, EvalSettings(prompt_tokens=30, new_tokens=10))
 
 
+def test_an_ensemble_of_copies_evaluates_as_its_member(trained_run):
+    """`evaluate --ensemble`: two copies of the baseline, either mode, sample the baseline's tokens and score its
+    held-out CE (the same prompts and seeds); a chain as a member is refused."""
+    from dbscale.eval.protocol import Ensemble
+
+    e2e = str(trained_run.root / "e2e/merged")
+    s = EvalSettings(num_prompts=5, samples_per_prompt=2, prompt_tokens=8, new_tokens=5, heldout_windows=3)
+    report = evaluate([e2e, Ensemble((e2e, e2e), "mixture")], trained_run.root, s, log=lambda *a: None)
+    alone, ensemble = report["results"]
+    assert ensemble["label"] == "ensemble of 2 (mixture)" and ensemble["model"] == f"{e2e},{e2e}"
+    assert [x["continuation"] for x in ensemble["samples"]] == [x["continuation"] for x in alone["samples"]]
+    assert ensemble["heldout"]["ce"] == pytest.approx(alone["heldout"]["ce"], rel=1e-5)
+    with pytest.raises(DbscaleError, match="an ensemble is made of plain LMs"):
+        evaluate([Ensemble((e2e, str(trained_run.root / "merged")))], trained_run.root, s, log=lambda *a: None)
+
+
 def test_report_writes_figures_and_page(trained_run, tmp_path):
     from dbscale.report import write_report
 

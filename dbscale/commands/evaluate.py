@@ -2,6 +2,7 @@
 
     dbscale evaluate --model runs/demo/merged --data runs/demo
     dbscale evaluate --model runs/demo/merged --compare runs/demo/e2e/merged --data runs/demo --out eval.json
+    dbscale evaluate --model runs/demo/merged --ensemble runs/lm2_s0/e2e/merged,runs/lm2_s1/e2e/merged --data runs/demo
 
 MAUVE uses the offline all-MiniLM-L6-v2 featurizer by default, labelled "MAUVE (MiniLM features)"; those
 scores are not comparable with the gpt2-large MAUVE of papers (--featurizer gpt2-large, needs the hub).
@@ -18,6 +19,19 @@ def add_arguments(p) -> None:
     d = EvalSettings()
     p.add_argument("--model", required=True, help="merged model (R/merged or R/e2e/merged)")
     p.add_argument("--compare", action="append", default=[], help="another merged model, same prompts and seeds")
+    p.add_argument(
+        "--ensemble",
+        action="append",
+        default=[],
+        metavar="DIR,DIR[,...]",
+        help="merged plain LMs (e.g. B shallow baselines trained alone) compared as one model",
+    )
+    p.add_argument(
+        "--ensemble-mode",
+        choices=["product", "mixture"],
+        default="product",
+        help="how --ensemble combines its members: product of experts (mean log-probabilities) or mixture",
+    )
     p.add_argument("--data", required=True, help="run directory whose validation split gives prompts and references")
     p.add_argument(
         "--judge",
@@ -91,7 +105,10 @@ def execute(args, p) -> int:
         ("top_k", args.sample_top_k),
     )
     sampler = {k: v for k, v in chosen if v}
-    models = [(m, sampler) for m in [args.model, *args.compare]]
+    from dbscale.eval.protocol import Ensemble
+
+    ensembles = [Ensemble(tuple(x for x in spec.split(",") if x), args.ensemble_mode) for spec in args.ensemble]
+    models = [(m, sampler) for m in [args.model, *args.compare, *ensembles]]
     report = evaluate(models, args.data, settings, judge=args.judge, log=lambda m: print(m, file=sys.stderr))
     report = {"command": invocation(), **report}
     text = json.dumps(report, indent=2)

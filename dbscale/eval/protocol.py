@@ -107,6 +107,14 @@ def hf_judge_perplexity(path: str, prompt_texts: list[str], texts: list[str]) ->
     return math.exp(total / max(count, 1))
 
 
+@dataclasses.dataclass(frozen=True)
+class Ensemble:
+    """An `evaluate` entry: merged plain LMs read as one (dbscale/models/ensemble.py), 'product' or 'mixture'."""
+
+    paths: tuple[str, ...]
+    mode: str = "product"
+
+
 def evaluate(
     model_dirs: list[str | Path | tuple[str | Path, dict]],
     run_dir: str | Path,
@@ -116,8 +124,8 @@ def evaluate(
 ) -> dict:
     """Evaluate one or more merged models with the same prompts, seeds and reference features. An entry may be
     (dir, {"estimate": ..., "step": ..., "steps": ...}) to evaluate a chain with another sampler than its
-    config's (steps: sampler steps per token, see DiffusionBlocksLM.set_sample_steps)."""
-    from dbscale.merge import load_merged
+    config's (steps: sampler steps per token, see DiffusionBlocksLM.set_sample_steps); `dir` may be an Ensemble."""
+    from dbscale.merge import load_ensemble, load_merged
     from dbscale.run import open_run
 
     run = open_run(run_dir)
@@ -149,11 +157,16 @@ def evaluate(
     for spec in model_dirs:
         t0 = time.time()
         model_dir, sampler = spec if isinstance(spec, tuple) else (spec, {})
-        model, tok, manifest = load_merged(model_dir)
+        if isinstance(model_dir, Ensemble):
+            model, tok, manifest = load_ensemble(model_dir.paths, model_dir.mode)
+        else:
+            model, tok, manifest = load_merged(model_dir)
         require_family(manifest, run.config.model.family, f"tools/evaluate.py on {run.root} ({model_dir})")
         if manifest["tokenizer_sha256"] != run.manifest["tokenizer_sha256"]:
             raise GenerationError(f"{model_dir}: uses another tokenizer than the run {run.root}.")
-        label = "DiffusionBlocks" if manifest["kind"] == "blocks" else "end-to-end"
+        label = {"blocks": "DiffusionBlocks", "e2e": "end-to-end"}.get(manifest["kind"])
+        if manifest["kind"] == "ensemble":
+            label = f"ensemble of {len(manifest['members'])} ({manifest['mode']})"
         if manifest["kind"] == "blocks":  # the chain's sampler: the model's config unless the spec overrides it
             model.estimate = sampler.get("estimate", model.estimate)
             model.step = sampler.get("step", model.step)
@@ -198,7 +211,7 @@ def evaluate(
         log(f"[evaluate] {label}: MAUVE")
         mauve = mauve_score(reference_features, gen_features, seed=25 + s.seed, scaling_factor=s.mauve_scaling_factor)
         result = {
-            "model": str(model_dir),
+            "model": ",".join(model_dir.paths) if isinstance(model_dir, Ensemble) else str(model_dir),
             "label": label,
             "sampler": sampler or None,
             "mauve": {**mauve, "label": featurizer.label, "featurizer": s.featurizer},
