@@ -4,13 +4,17 @@
     python bench/quality.py --name long --set train.steps=1600 --set train.warmup_steps=160
     python bench/quality.py --seeds 0 --num-prompts 32         # one quick look
     python bench/quality.py --name long --set ... --sample-steps 8 --out ...   # the same chains, 2 steps per block
+    python bench/quality.py --seeds 0 --ensemble                 # also B plain LMs of L/B layers, as one model
 
 For each seed s a run is prepared from --config with train.seed=s (same data, tokenizer and calibrated
 partition), every block and the baseline are trained through the real launchers for the same number of steps
 (B jobs x L/B layers = L layers: equal layer-updates), and merged. Then ONE tools/evaluate.py call scores every
 chain and every baseline on the same held-out prompts, seeds and references (MAUVE with MiniLM features,
 generative perplexity under the first seed's baseline as judge, held-out accuracies). The judge rates its own
-samples best, so the baselines of the other seeds give a second, fair ratio. Prints the mean and the
+samples best, so the baselines of the other seeds give a second, fair ratio. With --ensemble, each seed also
+trains B plain LMs of L/B layers (the depth of one block, train.seed = 100 s + j, the same steps: the chain's
+layer-updates) and scores them as one model (evaluate --ensemble, product of experts): is the chain better than
+B shallow LMs trained alone? Prints the mean and the
 spread (half the range) over seeds and writes bench/results/quality[_<name>].json. A rerun resumes: finished
 jobs are recognised by their checkpoints.
 """
@@ -87,6 +91,12 @@ def main() -> int:
         help="compare with the end-to-end models of runs/quality_<NAME>_s<seed> instead of training them again "
         "(a baseline does not depend on the block settings: same data, seed and model shape give the same job)",
     )
+    p.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="also train B plain LMs of L/B layers per seed and score them as one model (product of experts)",
+    )
+    p.add_argument("--ensemble-mode", choices=["product", "mixture"], default="product")
     p.add_argument("--out", help="default: bench/results/quality_<name>.json")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -95,7 +105,7 @@ def main() -> int:
     from dbscale.diffusion.partition import default_num_steps
     from dbscale.run import open_run
 
-    runs, baseline_runs, train_s = [], [], {}
+    runs, baseline_runs, ensembles, train_s = [], [], [], {}
     for seed in seeds:
         run = ROOT / "runs" / f"quality_{args.name}_s{seed}"
         overrides = [x for item in [*args.set, f"train.seed={seed}"] for x in ("--set", item)]
@@ -111,6 +121,26 @@ def main() -> int:
             sh(PY, "tools/merge_blocks.py", "--run", str(run), "--e2e")
         elif not (baseline / "e2e/merged").is_dir():
             p.error(f"--baselines-from {args.baselines_from}: {baseline / 'e2e/merged'} does not exist")
+        if args.ensemble:  # B plain LMs of one block's depth, each trained alone
+            cfg = open_run(run).config
+            shallow = cfg.model.n_layers // B
+            members = []
+            for j in range(B):
+                member = ROOT / "runs" / f"quality_{args.name}_s{seed}_lm{j}"
+                member_sets = [
+                    *args.set,
+                    f"model.n_layers={shallow}",
+                    "diffusion.num_blocks=1",
+                    "diffusion.partition=equiprobable",  # (no block trains; nothing to calibrate)
+                    f"train.seed={100 * seed + j}",
+                ]
+                sh(PY, "tools/prepare.py", "--config", args.config, "--run", str(member), *[
+                    x for item in member_sets for x in ("--set", item)
+                ])  # fmt: skip
+                sh(PY, "launchers/train_e2e.py", "--run", str(member))
+                sh(PY, "tools/merge_blocks.py", "--run", str(member), "--e2e")
+                members.append(str(member / "e2e/merged"))
+            ensembles.append(",".join(members))
         train_s[seed] = round(time.time() - t1, 1)
         runs.append(run)
         baseline_runs.append(baseline)
@@ -137,14 +167,23 @@ def main() -> int:
         str(args.eval_seed),
         *(["--sample-steps", str(args.sample_steps)] if args.sample_steps else []),
         *(["--sample-top-k", str(args.sample_top_k)] if args.sample_top_k else []),
+        *[x for e in ensembles for x in ("--ensemble", e)],
+        "--ensemble-mode",
+        args.ensemble_mode,
         "--out",
         str(out),
     )
     report = json.loads(out.read_text())
     n = len(runs)
-    chains, baselines = report["results"][:n], report["results"][n:]
+    chains, baselines, ensemble_results = (
+        report["results"][:n],
+        report["results"][n : 2 * n],
+        report["results"][2 * n :],
+    )
     cfg = open_run(runs[0]).config
     summary = {"chain": summarise(chains), "e2e": summarise(baselines)}
+    if ensemble_results:
+        summary["ensemble"] = summarise(ensemble_results)
     c, e = summary["chain"], summary["e2e"]
     summary["ratios"] = {
         "gen_ppl_chain_over_e2e": c["gen_ppl"]["mean"] / e["gen_ppl"]["mean"],
@@ -163,6 +202,7 @@ def main() -> int:
         "num_blocks": cfg.diffusion.num_blocks,
         "layers_per_block": families.layer_allocation(cfg),
         "baselines_from": [str(r.relative_to(ROOT)) for r in baseline_runs],
+        "ensembles": [{"members": e.split(","), "mode": args.ensemble_mode} for e in ensembles],
         "block_design": {
             k: getattr(cfg.model, k)
             for k in ("block", "time_conditioning", "noisy_input", "readout", "readout_init", "adaln_gate_init")
@@ -185,10 +225,13 @@ def main() -> int:
     out.write_text(json.dumps(report, indent=2) + "\n")
     samples = args.num_prompts * args.samples_per_prompt
     print(f"\n{args.name}: {cfg.train.steps} steps per job, seeds {seeds}, {samples} samples per model")
-    print(f"{'metric':18} {'DiffusionBlocks':>20} {'end-to-end':>20}")
+    columns = [("DiffusionBlocks", c), ("end-to-end", e)]
+    if "ensemble" in summary:
+        columns.append((f"{B} x {cfg.model.n_layers // B}-layer LMs", summary["ensemble"]))
+    print(f"{'metric':18} " + " ".join(f"{name:>22}" for name, _ in columns))
     for key in KEYS:
-        cells = [f"{s[key]['mean']:.3f} +- {s[key]['spread']:.3f}" if key in s else "-" for s in (c, e)]
-        print(f"{key:18} {cells[0]:>20} {cells[1]:>20}")
+        cells = [f"{s[key]['mean']:.3f} +- {s[key]['spread']:.3f}" if key in s else "-" for _, s in columns]
+        print(f"{key:18} " + " ".join(f"{cell:>22}" for cell in cells))
     r = summary["ratios"]
     print(f"gen. ppl chain / e2e {r['gen_ppl_chain_over_e2e']:.3f}; MAUVE chain / e2e {r['mauve_chain_over_e2e']:.3f}")
     if "gen_ppl_chain_over_e2e_other_seeds" in r:
