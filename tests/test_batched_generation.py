@@ -4,33 +4,18 @@ prompt lengths, with early stops at EOS."""
 
 import pytest
 import torch
-from test_huginn import huginn_cfg, randomise
-from test_models import CFG, V, randomize
+from helpers import CFG, PROMPTS, V, huginn_cfg, llama_chain, normal_init, randomize
 
-from dbscale.config import Config
 from dbscale.generate import generate_batch, generate_ids
 from dbscale.models.huginn import HuginnDiffusionLM, HuginnLM
-from dbscale.models.llama import DiffusionBlocksLM, LlamaLM, frozen_target_embedding
-
-PROMPTS = [[3, 14, 15], [9, 2, 6, 5, 3], [5, 8, 9], [7], [1, 2, 3, 4, 5], [2, 7, 1], [8, 2, 8, 1, 8]]
-
-
-def llama_chain(estimate: str, step: str) -> DiffusionBlocksLM:
-    cfg = Config(model=CFG)
-    cfg.diffusion.num_blocks = 2
-    cfg.diffusion.sample_estimate, cfg.diffusion.sample_step = estimate, step
-    model = DiffusionBlocksLM(cfg, V, frozen_target_embedding(V, CFG.embed_dim, 0))
-    for b, block in enumerate(model.blocks):
-        randomize(block, seed=b)
-    return model.eval()
-
+from dbscale.models.llama import LlamaLM, frozen_target_embedding
 
 MODELS = {
     "llama": lambda: randomize(LlamaLM(CFG, V)),
     "chain mean/euler": lambda: llama_chain("mean", "euler"),
     "chain sample/ancestral": lambda: llama_chain("sample", "ancestral"),
-    "huginn": lambda: randomise(HuginnLM(huginn_cfg().model, V)).eval(),
-    "huginn chain": lambda: randomise(HuginnDiffusionLM(huginn_cfg(), V, frozen_target_embedding(V, 32, 0))).eval(),
+    "huginn": lambda: normal_init(HuginnLM(huginn_cfg().model, V)).eval(),
+    "huginn chain": lambda: normal_init(HuginnDiffusionLM(huginn_cfg(), V, frozen_target_embedding(V, 32, 0))).eval(),
 }
 
 

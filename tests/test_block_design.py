@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from test_models import CFG, V, randomize
+from helpers import CFG, V, randomize
 
 from dbscale.config import Config, ConfigError
 from dbscale.diffusion.noise import edm_precond

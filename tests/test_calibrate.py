@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from conftest import run_cli
+from helpers import run_cli
 
 from dbscale.create_run import prepare_run
 from dbscale.diffusion.calibrate import (

@@ -2,23 +2,10 @@
 
 import pytest
 import torch
+from helpers import RUN, fake_tag
 
 from dbscale.errors import CheckpointError
 from dbscale.train import checkpoint as ckpt
-
-RUN = "run-a"
-
-
-def fake_tag(job_dir, step, run_id=RUN, block=0, marker=True):
-    tag = ckpt.tag_for(step)
-    (job_dir / tag).mkdir(parents=True)
-    torch.save({"module": {"w": torch.full((64,), float(step))}}, job_dir / tag / "mp_rank_00_model_states.pt")
-    torch.save({"optimizer_state_dict": {"step": step}}, job_dir / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
-    if marker:
-        files = ckpt.hash_files(ckpt.rank_files(job_dir / tag, 0) + ckpt.rank_files(job_dir / tag, 1))
-        ckpt.write_marker(job_dir, tag, {"run_id": run_id, "block": block, "step": step}, files)
-        ckpt.write_latest(job_dir, tag)
-    return job_dir / tag
 
 
 def test_rank_files_split_by_owner(tmp_path):

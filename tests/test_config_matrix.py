@@ -68,7 +68,7 @@ def cli(*args: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MATRIX))
 def test_every_accepted_configuration_runs_to_samples(process_group, speeches, tmp_path, name):
-    from conftest import tiny_config_dict
+    from helpers import tiny_config_dict
 
     from dbscale.run import open_run
     from dbscale.train.trainer import Trainer

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import deepspeed_block, fault_env, tiny_config_dict
-from conftest import run_cli as run
+from helpers import deepspeed_block, fault_env, tiny_config_dict
+from helpers import run_cli as run
 
 from dbscale.train.metrics import read_metrics
 

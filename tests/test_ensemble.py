@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from test_models import randomize
+from helpers import randomize
 
 from dbscale.config import ModelConfig
 from dbscale.models.ensemble import EnsembleLM, combine

@@ -62,7 +62,7 @@ def test_distinct_ngrams_golden():
 
 @pytest.fixture(scope="module")
 def trained_run(process_group, tmp_path_factory, speeches):
-    from conftest import tiny_config_dict
+    from helpers import tiny_config_dict
 
     from dbscale.create_run import prepare_run
     from dbscale.families import config_from_dict

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli, tiny_config_dict
+from helpers import run_cli, tiny_config_dict
 
 from dbscale import families
 from dbscale.config import ConfigError

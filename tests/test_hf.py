@@ -68,7 +68,7 @@ def test_state_dict_mapping_names_missing_and_unexpected():
 @pytest.fixture(scope="module")
 def trained_baseline(process_group, tmp_path_factory, speeches):
     """A tiny run whose baseline was trained a few steps and merged."""
-    from conftest import tiny_config_dict
+    from helpers import tiny_config_dict
 
     from dbscale.families import config_from_dict
     from dbscale.train.trainer import Trainer

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import run_cli as run
+from helpers import huginn_cfg, normal_init
+from helpers import run_cli as run
 
 from dbscale.config import ConfigError
 from dbscale.families import config_from_dict
@@ -19,24 +20,6 @@ from dbscale.profiling import saved_activation_bytes
 
 PY = sys.executable
 V = 64
-
-
-def huginn_cfg(**model):
-    base = {"family": "huginn", "n_layers": 8, "d_model": 32, "n_heads": 2, "ffn_multiple_of": 32, "seq_len": 32}
-    return config_from_dict(
-        {
-            "model": {**base, "mean_recurrence": 4, "bptt_steps": 2, **model},
-            "diffusion": {"num_blocks": 1, "sample_steps": 6},
-            "data": {"vocab_size": V},
-        }
-    )
-
-
-def randomise(model, std=0.1):
-    torch.manual_seed(1)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=std)
-    return model
 
 
 def reference_truncated_bptt(model, tokens, state, r, k):
@@ -54,7 +37,7 @@ def reference_truncated_bptt(model, tokens, state, r, k):
 
 @pytest.mark.parametrize("r,k", [(5, 2), (3, 3), (2, 6)])
 def test_truncated_bptt_gradients_match_a_detached_reference(r, k):
-    model = randomise(HuginnLM(huginn_cfg().model, V))
+    model = normal_init(HuginnLM(huginn_cfg().model, V))
     tokens = torch.randint(0, V, (2, 12))
     state = torch.randn(2, 12, 32)
     model(tokens, iterations=r, bptt=k, state=state).square().mean().backward()
@@ -69,7 +52,7 @@ def test_truncated_bptt_gradients_match_a_detached_reference(r, k):
 
 def test_baseline_activation_memory_grows_with_k_and_the_diffusion_core_has_no_recurrence():
     cfg = huginn_cfg()
-    model = randomise(HuginnLM(cfg.model, V))
+    model = normal_init(HuginnLM(cfg.model, V))
     tokens = torch.randint(0, V, (2, 16))
     held = list(model.parameters())
     saved = {}
@@ -90,8 +73,8 @@ def test_baseline_activation_memory_grows_with_k_and_the_diffusion_core_has_no_r
 
 def test_cached_generation_equals_uncached_for_baseline_and_diffusion_core():
     cfg = huginn_cfg()
-    baseline = randomise(HuginnLM(cfg.model, V)).eval()
-    chain = randomise(HuginnDiffusionLM(cfg, V, frozen_target_embedding(V, 32, 0))).eval()
+    baseline = normal_init(HuginnLM(cfg.model, V)).eval()
+    chain = normal_init(HuginnDiffusionLM(cfg, V, frozen_target_embedding(V, 32, 0))).eval()
     for model in (baseline, chain):
         a = generate_ids(model, [1, 2, 3], 8, use_cache=True, seed=4)
         b = generate_ids(model, [1, 2, 3], 8, use_cache=False, seed=4)

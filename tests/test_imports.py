@@ -114,3 +114,17 @@ def test_the_checker_finds_a_cycle_hidden_in_a_function(tmp_path):
     assert find_cycle(graph) == ["toy.a", "toy.sub.b", "toy.c", "toy.a"]
     (pkg / "c.py").write_text("import os\n")
     assert find_cycle(import_graph(pkg)) is None
+
+
+def test_tests_share_helpers_through_one_module():
+    """Test modules import what they share from tests/helpers.py, never from conftest or another test module."""
+    tests = Path(__file__).resolve().parent
+    offenders = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n == "conftest" or n.startswith("test_")]
+    assert not offenders, offenders
+    assert (tests / "helpers.py").is_file()

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT, tiny_config_dict
+from helpers import ROOT, tiny_config_dict
 
 from dbscale.errors import RunError
 from dbscale.launch import assign_hosts, mapped_hosts, read_hostfile

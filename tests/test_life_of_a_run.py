@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import DEEPSPEED, deepspeed_block, fault_env, tiny_config_dict
-from conftest import run_cli as run
+from helpers import DEEPSPEED, deepspeed_block, fault_env, tiny_config_dict
+from helpers import run_cli as run
 
 from dbscale.train.distributed import free_port
 from dbscale.train.metrics import read_metrics

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import run_cli as run
+from helpers import run_cli as run
 from scipy import integrate
 
 from dbscale.config import ConfigError
@@ -191,7 +191,7 @@ def test_subs_never_predicts_the_mask_and_attention_is_bidirectional():
     cfg = masked_cfg()
     torch.manual_seed(0)
     m = MaskedDenoiser(cfg.model, 27, 2)
-    for p in m.parameters():  # leave the zero-inits: randomise everything so the layers do something
+    for p in m.parameters():  # leave the zero-inits: normal_init everything so the layers do something
         torch.nn.init.normal_(p, std=0.2)
     x = torch.randint(0, 28, (1, 16))
     logits = m(x, torch.tensor([0.5]))

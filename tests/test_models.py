@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import CFG, V, randomize
 
 from dbscale.config import Config, ModelConfig
 from dbscale.diffusion.noise import edm_precond
@@ -13,20 +14,9 @@ from dbscale.generate import generate_ids
 from dbscale.models.layers import stream_attention_mask
 from dbscale.models.llama import DenoiserBlock, DiffusionBlocksLM, LlamaLM, denoiser_loss, frozen_target_embedding
 
-CFG = ModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, ffn_multiple_of=32, seq_len=24)
 # the paper's denoiser block (noisy input z, EDM readout, zero-initialised readout); CFG is dbscale's default
 PAPER = dataclasses.replace(CFG, noisy_input="z", readout="edm", readout_init="zero")
-V = 61
 TABLE = frozen_target_embedding(V, CFG.embed_dim, 0)
-
-
-def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter (zero-initialised gates and heads included) random values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return module.eval()
 
 
 def test_mask_matches_brute_force_rule():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, tiny_config_dict
+from helpers import ROOT, tiny_config_dict
 
 from dbscale.train.metrics import read_metrics
 

@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_models import CFG, V, randomize
+from helpers import CFG, V, randomize
 
 from dbscale.config import ConfigError
 from dbscale.families import config_from_dict

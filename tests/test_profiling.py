@@ -58,7 +58,7 @@ def test_generation_profile_gives_each_part_its_own_calls(monkeypatch):
     import types
     from pathlib import Path
 
-    from test_batched_generation import PROMPTS, llama_chain
+    from helpers import PROMPTS, llama_chain
 
     import dbscale.models.llama as llama
     from dbscale.generate import generate_batch

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 DBSCALE = str(Path(sys.executable).parent / "dbscale")
 # Appended to the README's commands so the test takes a minute, not the recipe's ten: later options win.

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, events, fault_env
+from helpers import ROOT, events, fault_env
 
 from dbscale.create_run import prepare_run
 from dbscale.errors import CheckpointError, DataError, RunError

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, tiny_config_dict
+from helpers import ROOT, tiny_config_dict
 
 from dbscale.train.distributed import free_port
 from dbscale.train.metrics import read_metrics

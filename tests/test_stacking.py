@@ -8,8 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_cli, tiny_config_dict
-from test_models import randomize
+from helpers import randomize, run_cli, tiny_config_dict
 
 from dbscale.config import Config, ModelConfig
 from dbscale.errors import ConfigError

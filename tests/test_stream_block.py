@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from test_models import randomize
+from helpers import randomize
 
 from dbscale.config import Config, ModelConfig
 from dbscale.errors import ConfigError

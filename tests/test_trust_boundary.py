@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, events
+from helpers import ROOT, events
 
 from dbscale.create_run import prepare_run
 from dbscale.errors import CheckpointError, RunError
@@ -134,7 +134,7 @@ def test_a_planted_pickle_runs_in_no_reader_of_the_run(finished_run, tmp_path):
 
 
 def test_each_planted_name_alone_is_refused_by_name(tmp_path):
-    from test_checkpoint import RUN, fake_tag
+    from helpers import RUN, fake_tag
 
     for i, name in enumerate(PLANTED_NAMES):
         job = tmp_path / f"job{i}"
