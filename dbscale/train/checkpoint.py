@@ -14,10 +14,14 @@ DeepSpeed itself never reads a job directory: its loaders glob a tag for `*_mode
 `verified_view`, a private directory holding exactly the files the marker lists, and run under
 `weights_only_loads`, which turns every torch.load (DeepSpeed passes weights_only=False) into a weights_only
 load with DeepSpeed's data classes allowed. Either alone stops a planted pickle; together they close the class.
+
+`Checkpointer` is a training job's use of all this across its ranks: plan the resume before the engine exists
+(which tag, which LR schedule, whether to re-shard for another process count), load it, save and publish.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -25,7 +29,7 @@ import socket
 import uuid
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -363,3 +367,227 @@ def universal_tag(job_dir: Path, info: CheckpointInfo, run_id: str, block, log=p
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return verify_tag(root, info.tag, run_id, block)
+
+
+class Checkpointer:
+    """Save and resume of one training job across its ranks (the trainer's checkpoints, one object).
+
+    `plan` runs before the DeepSpeed engine exists: rank 0 picks the newest verified checkpoint and every rank
+    learns the LR schedule to continue with and whether the checkpoint was saved under another process count
+    (then it is resumed from its universal form, DeepSpeed re-shards it, with grad_accum scaled so the global
+    batch, and so the data stream, stay the same). `resume` loads it through a verified view; `save` writes a
+    tag and publishes it (marker, then `latest`) only once every rank has written its shards."""
+
+    def __init__(
+        self,
+        job_dir: Path,
+        run_id: str,
+        block: int | None,
+        rank: int,
+        world: int,
+        job: str,
+        log,
+        tokenizer_sha256: str,
+        predecessors: list[dict] | None = None,
+    ):
+        self.job_dir, self.run_id, self.block, self.rank, self.world = job_dir, run_id, block, rank, world
+        self.job, self.log, self.tokenizer_sha256, self.predecessors = job, log, tokenizer_sha256, predecessors
+        self.train = None  # the train settings, once planned
+        self.schedule, self.universal, self.resumed_from_world, self.extended = None, False, None, None
+        self._info = None
+
+    # --- before the engine --------------------------------------------------------------------------------
+    def plan(self, train, extra_check=None):
+        """Returns the train settings to run with (grad_accum rescaled when resuming on another process count).
+        extra_check(info) may refuse a checkpoint (a CheckpointError) before anything is loaded."""
+        import torch.distributed as dist
+
+        self.train = train
+        choice = [None]
+        if self.rank == 0:
+            try:
+                remove_stale_views(self.job_dir)
+                self._info = find_resumable(self.job_dir, self.run_id, self.block)
+                if self._info is not None:
+                    if extra_check is not None:
+                        extra_check(self._info)
+                    self._check_resumable(self._info)
+                    choice = [self._info.marker]
+            except CheckpointError as e:
+                choice = [{"error": str(e)}]
+        dist.broadcast_object_list(choice, src=0)
+        marker = choice[0]
+        if marker is not None and "error" in marker:
+            raise CheckpointError(marker["error"])
+        self.schedule = self._schedule_after(marker)
+        self.universal = marker is not None and marker["world_size"] != self.world
+        if self.universal:
+            saved = marker["world_size"] * marker.get("grad_accum", train.grad_accum)
+            self.train = dataclasses.replace(train, grad_accum=saved // self.world)
+            self.resumed_from_world = marker["world_size"]
+        return self.train
+
+    def _schedule_after(self, marker: dict | None) -> dict:
+        """The LR schedule to continue with: the checkpoint's, plus an extension when train.steps grew past it."""
+        from dbscale.train.deepspeed_config import lr_lambda
+
+        steps = self.train.steps
+        if marker is None:
+            return {"steps": steps, "extensions": []}
+        schedule = marker.get("schedule") or {"steps": steps, "extensions": []}  # (checkpoints before schedules)
+        end = schedule["extensions"][-1][1] if schedule["extensions"] else schedule["steps"]
+        if steps > end and marker["step"] < steps:
+            start = lr_lambda(self.train, schedule)(marker["step"])
+            schedule = {**schedule, "extensions": [*schedule["extensions"], [marker["step"], steps, start]]}
+            self.extended = (marker["step"], end, steps, start)
+        return schedule
+
+    def _check_resumable(self, info: CheckpointInfo) -> None:
+        saved_world, saved_stage = info.marker["world_size"], info.marker["zero_stage"]
+        global_batch = saved_world * info.marker.get("grad_accum", self.train.grad_accum)
+        fixes = []
+        if global_batch % self.world:
+            fixes.append(
+                f"relaunch with a process count that divides the global batch of {global_batch} micro-batches "
+                f"({saved_world} process(es) x {global_batch // saved_world} accumulation steps), so it can stay "
+                f"the same (this job has {self.world})"
+            )
+        if saved_stage != self.train.zero_stage:
+            fixes.append(
+                f"resume at ZeRO stage {saved_stage}: drop the --set train.zero_stage={self.train.zero_stage} "
+                f"override (or pass --set train.zero_stage={saved_stage})"
+            )
+        if fixes:
+            raise CheckpointError(
+                f"{info.path}: saved with {saved_world} process(es) at ZeRO stage {saved_stage}; this job has "
+                f"{self.world} at stage {self.train.zero_stage}. Nothing was loaded. Fix: " + "; and ".join(fixes) + "."
+            )
+
+    # --- with the engine ----------------------------------------------------------------------------------
+    def identity(self, step: int) -> dict:
+        """What a checkpoint records about the job that wrote it (the marker's fields, DeepSpeed's client state)."""
+        identity = {
+            "run_id": self.run_id,
+            "block": self.block,
+            "step": step,
+            "world_size": self.world,
+            "grad_accum": self.train.grad_accum,
+            "schedule": self.schedule,
+            "zero_stage": self.train.zero_stage,
+            "tokenizer_sha256": self.tokenizer_sha256,
+        }
+        if self.predecessors is not None:  # a stacked block: the weights of the blocks it reads
+            identity["predecessors"] = self.predecessors
+        return identity
+
+    def _gather_failures(self, failures: list[str]) -> list[str]:
+        import torch.distributed as dist
+
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, failures)
+        return [f for part in everyone for f in part]
+
+    def resume(self, engine) -> int:
+        """Load the checkpoint `plan` chose; returns the step to continue from (0 if none).
+
+        Rank 0 stages a view holding the verified, listed files alone (converted to the universal format first when
+        the process count changed); every rank loads from that view with weights_only loading, so no file planted
+        in the job directory is ever read."""
+        import torch.distributed as dist
+        from tqdm import tqdm
+
+        choice = [None]
+        views = ExitStack()
+        if self.rank == 0 and self._info is not None:
+            try:
+                info = self._info
+                if self.universal:
+                    info = universal_tag(self.job_dir, info, self.run_id, self.block, log=tqdm.write)
+                view = views.enter_context(verified_view(info))
+                choice = [(info.tag, info.marker, str(view))]
+            except CheckpointError as e:
+                choice = [("error", str(e), None)]
+        dist.broadcast_object_list(choice, src=0)
+        if choice[0] is None:
+            return 0
+        tag, marker, view = choice[0]
+        if tag == "error":
+            raise CheckpointError(marker)
+        with views:
+            try:
+                with weights_only_loads():
+                    engine.load_checkpoint(view, tag=tag)
+                failure = None
+            except Exception as e:  # what DeepSpeed or torch's weights_only loader refuse
+                failure = f"{type(e).__name__}: {str(e)[:300]}"
+            failures = [f for f in self._gather_failures([failure] if failure else []) if f]
+        if failures:
+            raise CheckpointError(
+                f"{self.job_dir / tag}: the checkpoint could not be loaded ({failures[0]}); nothing was changed. "
+                f"Fix: move {tag} out of {self.job_dir} to resume from the one before it (or to start over)."
+            )
+        if self.rank == 0:
+            remove_unfinished(self.job_dir, marker["step"])
+        if self.extended:
+            at, old_end, new_end, start = self.extended
+            self.log("extended", at, from_steps=old_end, to_steps=new_end, lr_multiplier=start)
+            tqdm.write(
+                f"[{self.job}] train.steps {old_end} -> {new_end}: from step {at} the learning rate decays from "
+                f"{start * self.train.lr:.3g} (where it is) to the minimum at step {new_end}"
+            )
+        if self.universal:
+            self.log(
+                "resharded",
+                int(marker["step"]),
+                from_world_size=self.resumed_from_world,
+                world_size=self.world,
+                grad_accum=self.train.grad_accum,
+            )
+        return int(marker["step"])
+
+    def save(self, engine, step: int) -> None:
+        """Write a checkpoint and publish it (marker, then `latest`). If writing fails on any rank (a full
+        disk, a quota), the partial tag is removed, `latest` still names the previous checkpoint, and the
+        job stops with a CheckpointError."""
+        import torch.distributed as dist
+        from tqdm import tqdm
+
+        tag = tag_for(step)
+        tag_dir = self.job_dir / tag
+        if self.rank == 0 and tag_dir.exists():  # a damaged or unfinished tag at this step: replace it
+            shutil.rmtree(tag_dir)
+        dist.barrier()
+        failure = None
+        try:
+            engine.save_checkpoint(str(self.job_dir), tag=tag, client_state=self.identity(step), save_latest=False)
+            files = hash_files(rank_files(tag_dir, self.rank))
+        except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+            failure, files = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}", {}
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, (str(failure) if failure else None, files))
+        failures = [f for f, _ in gathered if f]
+        if self.rank == 0 and not failures:
+            try:
+                merged = {k: v for _, part in gathered for k, v in part.items()}
+                write_marker(self.job_dir, tag, self.identity(step), merged)
+                write_latest(self.job_dir, tag)
+                fsync_dir(self.job_dir)
+            except OSError as e:
+                failures.append(str(e))
+                (tag_dir / MARKER).unlink(missing_ok=True)
+        failures = [f for f in self._gather_failures(failures) if f]
+        if failures:
+            if self.rank == 0:
+                shutil.rmtree(tag_dir, ignore_errors=True)
+                self.log("checkpoint_failed", step, tag=tag, error=failures[0])
+            previous = (self.job_dir / LATEST).read_text().strip() if (self.job_dir / LATEST).is_file() else None
+            raise CheckpointError(
+                f"{tag_dir}: could not write the checkpoint ({failures[0]}). The previous checkpoint "
+                f"({previous or 'none'}) is intact and the job stops here. Fix: free disk space, then rerun the "
+                "same command to resume."
+            )
+        if self.rank == 0:
+            prune(self.job_dir, self.train.keep_checkpoints)
+            self.log("checkpoint", step, tag=tag)
+            tqdm.write(f"[{self.job}] step {step}: checkpoint {self.job_dir / tag}")
+        dist.barrier()

@@ -1,17 +1,16 @@
 """The training loop of one job: a DiffusionBlocks block (`block=b`) or the end-to-end baseline (`block=None`).
 
 A job reads only the run's frozen files and writes only its own directory (blocks/b/ or e2e/). It resumes
-from its newest intact checkpoint automatically. Data windows and noise are functions of (seed, step, rank),
-so a resumed job reproduces the losses of an uninterrupted one exactly.
+from its newest intact checkpoint automatically (the Checkpointer of dbscale/train/checkpoint.py). Data windows
+and noise are functions of (seed, step, rank), so a resumed job reproduces the losses of an uninterrupted one
+exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import signal
 import time
-from contextlib import ExitStack
 
 import numpy as np
 import torch
@@ -112,10 +111,23 @@ class Trainer:
         self.initialised_from = "init" if init is not None else "random"
         self.num_params = sum(p.numel() for p in model.parameters())
 
-        self._plan_resume()
-        cfg = self.cfg  # the batch split may have changed to resume on another process count
+        self.checkpoints = ckpt.Checkpointer(
+            self.job_dir,
+            run.run_id,
+            block,
+            rank,
+            world_size,
+            self.job,
+            lambda *a, **fields: self.logger.log(*a, **fields),  # (the logger opens once the engine exists)
+            run.manifest["tokenizer_sha256"],
+            predecessors=self.predecessors,
+        )
+        # the batch split may change, to resume on another process count
+        train = self.checkpoints.plan(cfg.train, extra_check=self._check_predecessors)
+        self.cfg = cfg = dataclasses.replace(cfg, train=train)
+        self.schedule = self.checkpoints.schedule
         ds_config = deepspeed_config(cfg.train, world_size)
-        if self.resume_universal:
+        if self.checkpoints.universal:
             ds_config["checkpoint"] = {"load_universal": True}
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -193,193 +205,15 @@ class Trainer:
         return out
 
     # ---------------------------------------------------------------------------------------------------
-    def _identity(self, step: int) -> dict:
-        identity = {
-            "run_id": self.run.run_id,
-            "block": self.block,
-            "step": step,
-            "world_size": self.world,
-            "grad_accum": self.cfg.train.grad_accum,
-            "schedule": self.schedule,
-            "zero_stage": self.cfg.train.zero_stage,
-            "tokenizer_sha256": self.run.manifest["tokenizer_sha256"],
-        }
-        if self.predecessors is not None:
-            identity["predecessors"] = self.predecessors
-        return identity
-
     def save(self, step: int) -> None:
-        """Write a checkpoint and publish it (marker, then `latest`). If writing fails on any rank (a full
-        disk, a quota), the partial tag is removed, `latest` still names the previous checkpoint, and the
-        job stops with a CheckpointError."""
-        tag = ckpt.tag_for(step)
-        tag_dir = self.job_dir / tag
-        if self.rank == 0 and tag_dir.exists():  # a damaged or unfinished tag at this step: replace it
-            shutil.rmtree(tag_dir)
-        dist.barrier()
-        failure = None
-        try:
-            self.engine.save_checkpoint(
-                str(self.job_dir), tag=tag, client_state=self._identity(step), save_latest=False
-            )
-            files = ckpt.hash_files(ckpt.rank_files(tag_dir, self.rank))
-        except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
-            failure, files = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}", {}
-        gathered = [None] * self.world
-        dist.all_gather_object(gathered, (str(failure) if failure else None, files))
-        failures = [f for f, _ in gathered if f]
-        if self.rank == 0 and not failures:
-            try:
-                merged = {k: v for _, part in gathered for k, v in part.items()}
-                ckpt.write_marker(self.job_dir, tag, self._identity(step), merged)
-                ckpt.write_latest(self.job_dir, tag)
-                ckpt.fsync_dir(self.job_dir)
-            except OSError as e:
-                failures.append(str(e))
-                (tag_dir / ckpt.MARKER).unlink(missing_ok=True)
-        failures = [f for f in self._gather_failures(failures) if f]
-        if failures:
-            if self.rank == 0:
-                shutil.rmtree(tag_dir, ignore_errors=True)
-                self.logger.log("checkpoint_failed", step, tag=tag, error=failures[0])
-            previous = (
-                (self.job_dir / ckpt.LATEST).read_text().strip() if (self.job_dir / ckpt.LATEST).is_file() else None
-            )
-            raise CheckpointError(
-                f"{tag_dir}: could not write the checkpoint ({failures[0]}). The previous checkpoint "
-                f"({previous or 'none'}) is intact and the job stops here. Fix: free disk space, then rerun the "
-                "same command to resume."
-            )
-        if self.rank == 0:
-            ckpt.prune(self.job_dir, self.cfg.train.keep_checkpoints)
-            self.logger.log("checkpoint", step, tag=tag)
-            tqdm.write(f"[{self.job}] step {step}: checkpoint {self.job_dir / tag}")
-        dist.barrier()
-
-    def _gather_failures(self, failures: list[str]) -> list[str]:
-        everyone = [None] * self.world
-        dist.all_gather_object(everyone, failures)
-        return [f for part in everyone for f in part]
-
-    def _plan_resume(self) -> None:
-        """Before the engine exists, rank 0 picks the checkpoint to resume from (verified) and every rank learns
-        whether it was saved under another process count: then it is resumed from its universal form (DeepSpeed
-        re-shards it), with grad_accum scaled so the global batch, and so the data stream, stay the same."""
-        choice = [None]
-        self._resume_info = None
-        if self.rank == 0:
-            try:
-                ckpt.remove_stale_views(self.job_dir)
-                self._resume_info = ckpt.find_resumable(self.job_dir, self.run.run_id, self.block)
-                if self._resume_info is not None:
-                    self._check_resumable(self._resume_info)
-                    choice = [self._resume_info.marker]
-            except CheckpointError as e:
-                choice = [{"error": str(e)}]
-        dist.broadcast_object_list(choice, src=0)
-        marker = choice[0]
-        if marker is not None and "error" in marker:
-            raise CheckpointError(marker["error"])
-        self.schedule = self._schedule_after(marker)
-        self.resume_universal = marker is not None and marker["world_size"] != self.world
-        if self.resume_universal:
-            t = self.cfg.train
-            saved = marker["world_size"] * marker.get("grad_accum", t.grad_accum)
-            self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(t, grad_accum=saved // self.world))
-            self.resumed_from_world = marker["world_size"]
-
-    def _schedule_after(self, marker: dict | None) -> dict:
-        """The LR schedule to continue with: the checkpoint's, plus an extension when train.steps grew past it."""
-        steps = self.cfg.train.steps
-        if marker is None:
-            return {"steps": steps, "extensions": []}
-        schedule = marker.get("schedule") or {"steps": steps, "extensions": []}  # (checkpoints before schedules)
-        end = schedule["extensions"][-1][1] if schedule["extensions"] else schedule["steps"]
-        if steps > end and marker["step"] < steps:
-            start = lr_lambda(self.cfg.train, schedule)(marker["step"])
-            schedule = {**schedule, "extensions": [*schedule["extensions"], [marker["step"], steps, start]]}
-            self.extended = (marker["step"], end, steps, start)
-        return schedule
+        self.checkpoints.save(self.engine, step)
 
     def resume(self) -> int:
-        """Load the checkpoint _plan_resume chose; returns the step to continue from (0 if none).
+        return self.checkpoints.resume(self.engine)
 
-        Rank 0 stages a view holding the verified, listed files alone (converted to the universal format first when
-        the process count changed); every rank loads from that view with weights_only loading
-        (dbscale/train/checkpoint.py), so no file planted in the job directory is ever read."""
-        choice = [None]
-        views = ExitStack()
-        if self.rank == 0 and self._resume_info is not None:
-            try:
-                info = self._resume_info
-                if self.resume_universal:
-                    info = ckpt.universal_tag(self.job_dir, info, self.run.run_id, self.block, log=tqdm.write)
-                view = views.enter_context(ckpt.verified_view(info))
-                choice = [(info.tag, info.marker, str(view))]
-            except CheckpointError as e:
-                choice = [("error", str(e), None)]
-        dist.broadcast_object_list(choice, src=0)
-        if choice[0] is None:
-            return 0
-        tag, marker, view = choice[0]
-        if tag == "error":
-            raise CheckpointError(marker)
-        with views:
-            try:
-                with ckpt.weights_only_loads():
-                    self.engine.load_checkpoint(view, tag=tag)
-                failure = None
-            except Exception as e:  # what DeepSpeed or torch's weights_only loader refuse
-                failure = f"{type(e).__name__}: {str(e)[:300]}"
-            failures = [f for f in self._gather_failures([failure] if failure else []) if f]
-        if failures:
-            raise CheckpointError(
-                f"{self.job_dir / tag}: the checkpoint could not be loaded ({failures[0]}); nothing was changed. "
-                f"Fix: move {tag} out of {self.job_dir} to resume from the one before it (or to start over)."
-            )
-        if self.rank == 0:
-            ckpt.remove_unfinished(self.job_dir, marker["step"])
-        if getattr(self, "extended", None):
-            at, old_end, new_end, start = self.extended
-            self.logger.log("extended", at, from_steps=old_end, to_steps=new_end, lr_multiplier=start)
-            tqdm.write(
-                f"[{self.job}] train.steps {old_end} -> {new_end}: from step {at} the learning rate decays from "
-                f"{start * self.cfg.train.lr:.3g} (where it is) to the minimum at step {new_end}"
-            )
-        if self.resume_universal:
-            self.logger.log(
-                "resharded",
-                int(marker["step"]),
-                from_world_size=self.resumed_from_world,
-                world_size=self.world,
-                grad_accum=self.cfg.train.grad_accum,
-            )
-        return int(marker["step"])
-
-    def _check_resumable(self, info: ckpt.CheckpointInfo) -> None:
+    def _check_predecessors(self, info: ckpt.CheckpointInfo) -> None:
         if self.predecessors is not None:
             check_predecessors(info.path, self.block, info.marker.get("predecessors"), self.predecessors)
-        saved_world, saved_stage = info.marker["world_size"], info.marker["zero_stage"]
-        global_batch = saved_world * info.marker.get("grad_accum", self.cfg.train.grad_accum)
-        fixes = []
-        if global_batch % self.world:
-            fixes.append(
-                f"relaunch with a process count that divides the global batch of {global_batch} micro-batches "
-                f"({saved_world} process(es) x {global_batch // saved_world} accumulation steps), so it can stay "
-                f"the same (this job has {self.world})"
-            )
-        if saved_stage != self.cfg.train.zero_stage:
-            fixes.append(
-                f"resume at ZeRO stage {saved_stage}: drop the --set train.zero_stage={self.cfg.train.zero_stage} "
-                f"override (or pass --set train.zero_stage={saved_stage})"
-            )
-        if fixes:
-            raise CheckpointError(
-                f"{info.path}: saved with {saved_world} process(es) at ZeRO stage {saved_stage}; this job has "
-                f"{self.world} at stage {self.cfg.train.zero_stage}. Nothing was loaded. Fix: "
-                + "; and ".join(fixes)
-                + "."
-            )
 
     def after_step(self, step: int) -> None:
         """Called after every completed step (and its checkpoint, if one was due). Does nothing; a seam where
