@@ -29,10 +29,14 @@ LAYOUTS = {
     "two_stream": {"block": "two_stream"},
     "stream": {"block": "stream"},
     "stream_sigma_free": {"block": "stream", "time_conditioning": False},
+    "stream_sigma_free_stacked": {"block": "stream", "time_conditioning": False},  # + diffusion.stack_context
 }
+STACKED = {"stream_sigma_free_stacked"}  # block b also runs blocks 0..b-1 forward, frozen
 
 
-def job_flops(shape: dict, B: int, block: int | None, model_keys: dict, micro_batch: int, noisy_fraction: float) -> int:
+def job_flops(
+    shape: dict, B: int, block: int | None, model_keys: dict, micro_batch: int, noisy_fraction: float, stacked=False
+) -> int:
     import torch
 
     from dbscale.families import StepInfo
@@ -44,6 +48,18 @@ def job_flops(shape: dict, B: int, block: int | None, model_keys: dict, micro_ba
     if block is not None:
         job.block = block
     job.cfg.diffusion.noisy_fraction = noisy_fraction
+    if stacked and block:  # the job's block reads the frozen residual stream of blocks 0..b-1 (forward only)
+        job.cfg.diffusion.stack_context = True
+        with meta:
+            model = family.build(job)
+            predecessors = []
+            for b in range(block):
+                job.block = b
+                predecessors.append(family.build(job))
+                if b:
+                    predecessors[-1].read_from(predecessors[:-1])
+            job.block = block
+        model.read_from(predecessors)
     if "table" in job.extras:
         job.extras["table"] = job.extras["table"].to(meta)
     window = torch.randint(0, shape["vocab"], (micro_batch, family.window_length(job.cfg)))
@@ -75,14 +91,17 @@ def main() -> int:
         e2e = job_flops(shape, 1, None, {}, args.micro_batch, 1.0)
         for layout in layouts:
             for f in fractions:
+                stacked = layout in STACKED
                 blocks = [
-                    job_flops(shape, args.blocks, b, LAYOUTS[layout], args.micro_batch, f) for b in range(args.blocks)
+                    job_flops(shape, args.blocks, b, LAYOUTS[layout], args.micro_batch, f, stacked)
+                    for b in range(args.blocks)
                 ]
                 row = {
                     "shape": shape_name,
                     "shape_keys": shape,
                     "layout": layout,
                     "model_keys": LAYOUTS[layout],
+                    "stack_context": stacked,
                     "noisy_fraction": f,
                     "B": args.blocks,
                     "micro_batch": args.micro_batch,
