@@ -38,3 +38,20 @@ def test_link_check_sees_a_broken_link(tmp_path):
     page.write_text("[ok](page.md) [gone](missing.md) [web](https://example.org) [anchor](#x)")
     assert relative_links(page) == ["page.md", "missing.md"]
     assert [t for t in relative_links(page) if not (tmp_path / t).exists()] == ["missing.md"]
+
+
+def test_generated_tables_match_their_json():
+    """A results table in docs/ that a bench renders from its committed JSON equals what it renders now."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("depth_bench", ROOT / "bench/depth.py")
+    depth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(depth)
+    results = json.loads((ROOT / "bench/results/depth.json").read_text())
+    doc = depth.DOC.read_text()
+    assert doc.count(depth.TABLE_BEGIN) == 1 and doc.count(depth.TABLE_END) == 1
+    table = doc.split(depth.TABLE_BEGIN, 1)[1].split(depth.TABLE_END, 1)[0].strip()
+    assert table == depth.markdown_table(results), "stale: run python bench/depth.py --render"
+    first = next(iter(results["rows"].values()))["model"]["per_k"]["1"]["accuracy"]
+    assert f"{first:.3f}" in table  # the table shows the JSON's figures
