@@ -44,6 +44,7 @@ GEN_STEPS = (8, 16, 32)
 
 def model_cfg(shape: dict, **extra):
     from dbscale.config import ModelConfig
+    from dbscale.models.huginn import HuginnConfig
 
     return ModelConfig(
         family="huginn",
@@ -51,8 +52,7 @@ def model_cfg(shape: dict, **extra):
         d_model=shape["d_model"],
         n_heads=shape["n_heads"],
         seq_len=shape["seq_len"],
-        mean_recurrence=BASELINE_R,
-        **extra,
+        family_config=HuginnConfig(mean_recurrence=BASELINE_R, **extra),
     )
 
 
@@ -162,8 +162,9 @@ def measure_generation(spec: dict) -> dict:
 
 def layer_token_cost(m, T: int) -> dict:
     """Estimated training compute per sequence and step, in layer-token evaluations (forward 1, backward 2)."""
-    P, C, D = m.prelude_layers, m.core_layers, m.coda_layers
-    mean_r, k = m.mean_recurrence + 1, m.bptt_steps
+    h = m.family_config  # the Huginn section
+    P, C, D = h.prelude_layers, h.core_layers, h.coda_layers
+    mean_r, k = h.mean_recurrence + 1, h.bptt_steps
     return {
         "baseline": T * (P + mean_r * C + D) + 2 * T * (P + min(k, mean_r) * C + D),
         "core": 3 * T * P + 3 * (2 * T) * (C + D),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -111,16 +112,14 @@ class ModelConfig:
         "always noise-conditioned).",
     )
 
-    prelude_layers: int = _field(2, "Huginn: layers of the prelude (run once per token).")
-    core_layers: int = _field(4, "Huginn: layers of the recurrent core (iterated r times, or one Euler step).")
-    coda_layers: int = _field(2, "Huginn: layers of the coda; prelude + core + coda must equal n_layers.")
-    mean_recurrence: int = _field(32, "Huginn baseline: mean number of core iterations r during training.")
-    recurrence_std: float = _field(
-        0.5, "Huginn baseline: r = 1 + Poisson(exp(tau)), tau ~ N(ln(mean_recurrence) - std^2/2, std^2)."
+    family_config: Any = field(
+        default=None,
+        metadata={
+            "help": "The family's own fields, written as the sub-section `model.<family>:` (e.g. model.huginn); "
+            "a dataclass the family registers (dbscale/families), null for a family without one.",
+            "section": True,
+        },
     )
-    bptt_steps: int = _field(8, "Huginn baseline: backpropagate through the last k core iterations (all when r < k).")
-    state_init_std: float = _field(1.0, "Huginn baseline: std of the random initial recurrent state.")
-    eval_recurrence: int | None = _field(None, "Huginn baseline: core iterations at inference; null = mean_recurrence.")
 
     @property
     def head_dim(self) -> int:
@@ -390,7 +389,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The plain-dict form (what config.yaml holds): the family's own section under `model.<family>`."""
+        data = dataclasses.asdict(self)
+        own = data["model"].pop("family_config")
+        if own is not None:
+            data["model"][self.model.family] = own
+        return data
 
 
 def default_layer_allocation(cfg: Config) -> list[int]:
@@ -464,13 +468,70 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
     raise ConfigError(f"{where}: '{key}' has an unsupported type {tp}.")  # pragma: no cover
 
 
+def field_names(cls: type) -> list[str]:
+    """The fields a section's YAML may set (a family's own section is a sub-section, not a field)."""
+    return [f.name for f in dataclasses.fields(cls) if not f.metadata.get("section")]
+
+
+Sections = dict[str, type]  # family name -> the dataclass of its own `model.<family>` section
+
+
+def _model_from_dict(data: Any, where: str, sections: Sections, frozen: bool) -> ModelConfig:
+    """The model section with the family's own sub-section. A field of a family's section written flat
+    (`model.bptt_steps`, dbscale before the sections) is read into that section: silently from a run's
+    records, with a note naming the new place from a user's config; another family's fields are an error
+    (dropped from a run's records, which held every family's fields)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: section 'model' must be a mapping of keys to values, got {data!r}.")
+    data = dict(data)
+    family = _coerce(data.get("family", ModelConfig.family), str, where, "model.family")
+    if family not in sections and isinstance(data.get(family), dict):
+        raise ConfigError(
+            f"{where}: model.family: unknown model family '{family}' (its section model.{family} cannot be read"
+            f"{'; known: ' + ', '.join(sorted(sections)) + ' with sections' if sections else ''}). Fix: import the "
+            "module that registers it (DBSCALE_FAMILIES=package.module)."
+        )
+    own = data.pop(family, None) if family in sections else None
+    if own is not None and not isinstance(own, dict):
+        raise ConfigError(f"{where}: model.{family} must be a mapping of the {family} family's fields, got {own!r}.")
+    own = dict(own or {})
+    owners = {key: name for name, cls in sections.items() for key in field_names(cls)}
+    model_fields = field_names(ModelConfig)
+    for name in [k for k in data if k in sections and k != family]:
+        value = data.pop(name)
+        if not frozen and value:
+            raise ConfigError(
+                f"{where}: model.{name} is the '{name}' family's section, but model.family is '{family}'. "
+                f"Fix: remove model.{name}, or set model.family: {name}."
+            )
+    for key in [k for k in data if k not in model_fields and k in owners]:
+        value, owner = data.pop(key), owners[key]
+        if owner == family:
+            if key in own:
+                raise ConfigError(f"{where}: model.{key} and model.{family}.{key} are both given; keep the second.")
+            own[key] = value
+            if not frozen:
+                print(f"[config] {where}: model.{key} is read as model.{family}.{key}; move it there.", file=sys.stderr)
+        elif not frozen:
+            raise ConfigError(
+                f"{where}: model.{key} is read by the '{owner}' family only (model.{owner}.{key}), and "
+                f"model.family is '{family}'. Fix: remove it."
+            )
+    model = _section_from_dict(ModelConfig, data, where, "model")
+    if family in sections:
+        model.family_config = _section_from_dict(sections[family], own, where, f"model.{family}")
+    return model
+
+
 def _section_from_dict(cls: type, data: Any, where: str, section: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: section '{section}' must be a mapping of keys to values, got {data!r}.")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = field_names(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in names:
@@ -490,7 +551,9 @@ ADDED_FIELDS: dict[tuple[str, str], Any] = {
 Check = Callable[[Config, Callable[[str, str], None]], None]  # (cfg, fail(key, message)): a family's rules
 
 
-def frozen_config_from_dict(data: Any, where: str = "<run config>", check: Check | None = None) -> Config:
+def frozen_config_from_dict(
+    data: Any, where: str = "<run config>", check: Check | None = None, sections: Sections | None = None
+) -> Config:
     """config_from_dict for a config a run recorded (config.yaml, the manifest, a merged model): a field the
     record lacks because it was written before the field existed takes ADDED_FIELDS' value, not the default,
     so an old run resumes, prepares and merges exactly as it was trained."""
@@ -499,11 +562,14 @@ def frozen_config_from_dict(data: Any, where: str = "<run config>", check: Check
         for (section, key), value in ADDED_FIELDS.items():
             if isinstance(data.get(section), dict) and key not in data[section]:
                 data[section][key] = value
-    return config_from_dict(data, where, check)
+    return config_from_dict(data, where, check, sections, frozen=True)
 
 
-def config_from_dict(data: Any, where: str = "<config>", check: Check | None = None) -> Config:
-    """Build and validate a Config from a plain dict (as read from YAML)."""
+def config_from_dict(
+    data: Any, where: str = "<config>", check: Check | None = None, sections: Sections | None = None, frozen=False
+) -> Config:
+    """Build and validate a Config from a plain dict (as read from YAML). sections: each family's own model
+    sub-section (dbscale.families passes the registry's); frozen: the dict is a run's record."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -515,6 +581,8 @@ def config_from_dict(data: Any, where: str = "<config>", check: Check | None = N
             raise _unknown_key(where, str(key), known)
         if key == "name":
             kwargs["name"] = _coerce(value, str, where, "name")
+        elif key == "model":
+            kwargs[key] = _model_from_dict(value, where, sections or {}, frozen)
         else:
             kwargs[key] = _section_from_dict(_SECTIONS[key], value, where, key)
     cfg = Config(**kwargs)
@@ -528,8 +596,9 @@ def config_from_dict(data: Any, where: str = "<config>", check: Check | None = N
     return cfg
 
 
-def apply_overrides(data: dict, overrides: list[str], where: str = "--set") -> dict:
-    """Apply `section.key=value` overrides (values parsed as YAML) to a raw config dict, in place."""
+def apply_overrides(data: dict, overrides: list[str], where: str = "--set", sections: Sections | None = None) -> dict:
+    """Apply `section.key=value` (or `model.<family>.key=value`) overrides, values parsed as YAML, to a raw
+    config dict, in place."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{where}: '{item}' is not of the form section.key=value (e.g. train.lr=3e-4).")
@@ -542,12 +611,26 @@ def apply_overrides(data: dict, overrides: list[str], where: str = "--set") -> d
         if len(parts) == 1 and parts[0] == "name":
             data["name"] = value
             continue
+        sections = sections or {}
+        if len(parts) == 3 and parts[0] == "model" and parts[1] in sections:  # a family's own field
+            family, key = parts[1], parts[2]
+            known = field_names(sections[family])
+            if key not in known:
+                raise _unknown_key(f"{where} {dotted.strip()}: section 'model.{family}'", key, known)
+            model = data.setdefault("model", {}) or {}
+            data["model"] = model
+            own = model.setdefault(family, {}) or {}
+            model[family] = own
+            own[key] = value
+            continue
         if len(parts) != 2:
             raise ConfigError(f"{where}: '{dotted}' must name section.key, e.g. train.lr.")
         section, key = parts
         if section not in _SECTIONS:
             raise _unknown_key(where, section, list(_SECTIONS))
-        known = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+        known = field_names(_SECTIONS[section])
+        if section == "model":
+            known += [k for cls in sections.values() for k in field_names(cls)]  # read into its family's section
         if key not in known:
             raise _unknown_key(f"{where} {dotted.strip()}: section '{section}'", key, known)
         data.setdefault(section, {})
@@ -570,14 +653,16 @@ def read_yaml(path: str | Path) -> dict:
     return data if data is not None else {}
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, check: Check | None = None) -> Config:
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, check: Check | None = None, sections: Sections | None = None
+) -> Config:
     """Read a YAML config, apply dotted overrides, validate. Raises ConfigError naming file and field."""
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with sections {list(_SECTIONS)}.")
-    apply_overrides(data, overrides or [])
+    apply_overrides(data, overrides or [], sections=sections)
     try:
-        return config_from_dict(data, where=str(path), check=check)
+        return config_from_dict(data, where=str(path), check=check, sections=sections)
     except ConfigError as e:  # a bad value that came from the command line: say so, not the file
         given = [o.split("=", 1)[0].strip() for o in overrides or []]
         culprit = next((k for k in given if f"'{k}'" in str(e) or f" {k}:" in str(e)), None)
@@ -681,7 +766,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         fail("diffusion.prior_loss", f"must be >= 0 (0 = no prior term), got {d.prior_loss}.")
     if not 0 < d.noisy_fraction <= 1:
         fail("diffusion.noisy_fraction", f"must be in (0, 1] (1 = every position), got {d.noisy_fraction}.")
-    if d.stack_context and not (m.family == "llama" and m.block == "stream" and not m.time_conditioning):
+    if d.stack_context and not (m.block == "stream" and not m.time_conditioning):
         fail(
             "diffusion.stack_context",
             "true needs the Llama family's sigma-free block (model.block: stream, model.time_conditioning: false): "
@@ -775,12 +860,22 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         fail("train.zero_stage", f"must be 1, 2 or 3, got {t.zero_stage}.")
 
 
-def describe() -> str:
-    """Every field with its default and documentation, for `--help-config`."""
+def section_fields(sections: Sections | None = None) -> list[tuple[str, list]]:
+    """(dotted section name, its dataclass fields) for every section and every family's own model section."""
+    out = [
+        (name, [f for f in dataclasses.fields(cls) if not f.metadata.get("section")]) for name, cls in _SECTIONS.items()
+    ]
+    for family, cls in sorted((sections or {}).items()):
+        out.append((f"model.{family}", list(dataclasses.fields(cls))))
+    return out
+
+
+def describe(sections: Sections | None = None) -> str:
+    """Every field with its default and documentation, for `dbscale config`."""
     lines = []
-    for section, cls in _SECTIONS.items():
+    for section, fields in section_fields(sections):
         lines.append(f"{section}:")
-        for f in dataclasses.fields(cls):
+        for f in fields:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  {f.name}: {default!r}  # {f.metadata.get('help', '')}")
     return "\n".join(lines)

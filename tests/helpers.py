@@ -3,6 +3,7 @@ configs and models, command runners, fault-injection environments, fake checkpoi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -124,10 +125,16 @@ HUGINN_V = 64
 
 
 def huginn_cfg(**model):
+    """A small Huginn config; keys of the family's own section (HuginnConfig) go to model.huginn."""
+    from dbscale.models.huginn import HuginnConfig
+
+    own_keys = {f.name for f in dataclasses.fields(HuginnConfig)}
+    own = {"mean_recurrence": 4, "bptt_steps": 2, **{k: v for k, v in model.items() if k in own_keys}}
+    model = {k: v for k, v in model.items() if k not in own_keys}
     base = {"family": "huginn", "n_layers": 8, "d_model": 32, "n_heads": 2, "ffn_multiple_of": 32, "seq_len": 32}
     return config_from_dict(
         {
-            "model": {**base, "mean_recurrence": 4, "bptt_steps": 2, **model},
+            "model": {**base, "huginn": own, **model},
             "diffusion": {"num_blocks": 1, "sample_steps": 6},
             "data": {"vocab_size": HUGINN_V},
         }

@@ -1,5 +1,6 @@
 """Config loading: shipped recipes, overrides, and an actionable error for every kind of bad input."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,35 @@ def test_round_trip_through_dict():
     cfg = load_config(ROOT / "configs/llama_tiny.yaml")
     assert config_from_dict(cfg.to_dict()) == cfg
     assert Config() == config_from_dict({})
+
+
+def test_a_family_owns_its_config_section_and_old_flat_keys_still_load(capsys):
+    """Huginn's fields live in model.huginn (dbscale/models/huginn.py HuginnConfig): the old flat layout of a
+    user's config loads into it with a note naming the new place; a run's record in the old layout (every
+    family's fields flat, as dbscale wrote config.yaml before) loads silently; another family's fields or
+    section are an error naming the owner."""
+    from dbscale.families import frozen_config_from_dict
+    from dbscale.models.huginn import HuginnConfig
+
+    new = config_from_dict({"model": {"family": "huginn", "n_layers": 8, "huginn": {"bptt_steps": 3}}})
+    assert new.model.family_config == HuginnConfig(bptt_steps=3)
+    assert new.to_dict()["model"]["huginn"]["bptt_steps"] == 3 and "bptt_steps" not in new.to_dict()["model"]
+    assert config_from_dict(new.to_dict()) == new  # the round trip of config.yaml
+    capsys.readouterr()
+    old = config_from_dict({"model": {"family": "huginn", "n_layers": 8, "bptt_steps": 3}}, where="old.yaml")
+    assert old == new
+    assert "old.yaml: model.bptt_steps is read as model.huginn.bptt_steps; move it there" in capsys.readouterr().err
+    flat_record = {**Config().to_dict()}
+    flat_record["model"] = {**flat_record["model"], **dataclasses.asdict(HuginnConfig())}  # a llama run of before
+    record = frozen_config_from_dict(flat_record, where="runs/old/config.yaml")
+    assert record == config_from_dict(Config().to_dict()) and record.model.family_config is None
+    with pytest.raises(ConfigError, match=r"model\.bptt_steps is read by the 'huginn' family only"):
+        config_from_dict({"model": {"bptt_steps": 3}})
+    with pytest.raises(ConfigError, match=r"model\.huginn is the 'huginn' family's section, but model\.family is"):
+        config_from_dict({"model": {"huginn": {"bptt_steps": 3}}})
+    with pytest.raises(
+        ConfigError, match=r"section 'model\.huginn': unknown key 'bptt_step'. Did you mean 'bptt_steps'"
+    ):
+        config_from_dict({"model": {"family": "huginn", "n_layers": 8, "huginn": {"bptt_step": 3}}})
+    with pytest.raises(ConfigError, match=r"model\.huginn\.bptt_steps: must be >= 1"):
+        config_from_dict({"model": {"family": "huginn", "n_layers": 8, "huginn": {"bptt_steps": 0}}})

@@ -51,8 +51,10 @@ MATRIX = {
         "diffusion": {"mask_schedule": "cosine", "num_blocks": 1},
     },
     "huginn": {
-        "model": {"family": "huginn", "n_layers": 4, "prelude_layers": 1, "core_layers": 2, "coda_layers": 1},
-        "model_extra": {"mean_recurrence": 2, "bptt_steps": 1},
+        "model": {"family": "huginn", "n_layers": 4},
+        "model_extra": {
+            "huginn": {"prelude_layers": 1, "core_layers": 2, "coda_layers": 1, "mean_recurrence": 2, "bptt_steps": 1}
+        },
         "diffusion": {"num_blocks": 1, "sample_steps": 3, "gamma": 0.0},
     },
 }

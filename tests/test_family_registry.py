@@ -48,23 +48,28 @@ def test_the_method_package_imports_no_model():
 
 @pytest.mark.slow
 def test_a_fourth_family_runs_through_the_real_launchers(speeches, tmp_path):
-    """tests/toy_family.py registers 'bigram' (one module and one register line); with DBSCALE_FAMILIES set,
-    prepare, a block job, merge and generate run it like any built-in family."""
+    """tests/toy_family.py registers 'bigram' (one module and one register line) with its own config section
+    (model.bigram, validated by the family); with DBSCALE_FAMILIES set, prepare, a block job, merge and
+    generate run it like any built-in family."""
     env = {
         "DBSCALE_FAMILIES": "toy_family",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH", "")])),
     }
     data = tiny_config_dict(
         [str(p) for p in speeches[:12]],
-        model={"family": "bigram", "n_layers": 1},
+        model={"family": "bigram", "n_layers": 1, "bigram": {"prior_init_std": 0.0}},
         diffusion={"num_blocks": 1, "partition": "equiprobable"},
         train={"steps": 20, "lr": 0.05, "warmup_steps": 2, "val_every": 20, "save_every": 20},
     )
     config = tmp_path / "bigram.yaml"
     config.write_text(yaml.safe_dump(data))
     r = tmp_path / "run"
+    bad = run_cli([PY, "tools/prepare.py", "--config", str(config), "--run", str(r), "--set",
+                   "model.bigram.prior_init_std=-1"], expect=None, env=env)  # fmt: skip
+    assert bad.returncode != 0 and "model.bigram.prior_init_std: must be >= 0, got -1" in bad.stderr
     run_cli([PY, "tools/prepare.py", "--config", str(config), "--run", str(r)], env=env)
     assert json.loads((r / "manifest.json").read_text())["family"] == "bigram"
+    assert yaml.safe_load((r / "config.yaml").read_text())["model"]["bigram"] == {"prior_init_std": 0.0}
     run_cli([PY, "launchers/train_block.py", "--run", str(r), "--block", "0"], env=env)
     run_cli([PY, "launchers/train_e2e.py", "--run", str(r)], env=env)
     losses = [json.loads(x)["loss"] for x in (r / "blocks/0/metrics.jsonl").read_text().splitlines() if '"train"' in x]

@@ -32,11 +32,7 @@ FAMILIES = {
         "model": {
             "family": "huginn",
             "n_layers": 4,
-            "prelude_layers": 1,
-            "core_layers": 2,
-            "coda_layers": 1,
-            "mean_recurrence": 3,
-            "bptt_steps": 2,
+            "huginn": {"prelude_layers": 1, "core_layers": 2, "coda_layers": 1, "mean_recurrence": 3, "bptt_steps": 2},
         },
         "diffusion": {"num_blocks": 1, "gamma": 0.0, "sample_steps": 3},
     },

@@ -91,7 +91,7 @@ def test_recurrence_sampling_has_the_configured_mean():
 def test_huginn_config_errors():
     with pytest.raises(ConfigError, match="model.n_layers: a Huginn model is prelude \\+ core \\+ coda"):
         huginn_cfg(n_layers=6)
-    with pytest.raises(ConfigError, match="model.bptt_steps"):
+    with pytest.raises(ConfigError, match=r"model\.huginn\.bptt_steps"):
         huginn_cfg(bptt_steps=0)
     with pytest.raises(ConfigError, match="diffusion.sample_steps"):
         config_from_dict(
@@ -116,8 +116,7 @@ def test_huginn_run_trains_both_merges_generates_and_refuses_the_wrong_family(tm
             "n_heads": 2,
             "ffn_multiple_of": 32,
             "seq_len": 32,
-            "mean_recurrence": 3,
-            "bptt_steps": 2,
+            "huginn": {"mean_recurrence": 3, "bptt_steps": 2},
         },
         "diffusion": {"num_blocks": 2, "sample_steps": 4},
         "data": {

@@ -13,7 +13,7 @@ from helpers import CFG, V, randomize
 
 from dbscale.config import ConfigError
 from dbscale.families import config_from_dict
-from dbscale.models.huginn import HuginnDenoiser
+from dbscale.models.huginn import HuginnConfig, HuginnDenoiser
 from dbscale.models.llama import DenoiserBlock, denoiser_loss, frozen_target_embedding
 
 E = frozen_target_embedding(V, CFG.embed_dim, 0)
@@ -63,7 +63,7 @@ def test_subset_gradients_and_prior_term_match_the_full_step():
 
 
 def test_huginn_core_takes_the_subset_too():
-    cfg = dataclasses.replace(CFG, prelude_layers=1, core_layers=1, coda_layers=1)
+    cfg = dataclasses.replace(CFG, family_config=HuginnConfig(prelude_layers=1, core_layers=1, coda_layers=1))
     core = randomize(HuginnDenoiser(cfg, V, 0.5, E)).train()
     window, sigma, noise = _setup(2)
     targets = window[:, 1:]

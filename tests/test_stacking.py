@@ -106,6 +106,8 @@ def test_config_refuses_stacking_a_block_whose_features_read_sigma():
         with pytest.raises(ConfigError, match=r"diffusion\.stack_context: true needs the Llama family's sigma-free"):
             config(**model)
     assert config(block="stream", time_conditioning=False).diffusion.stack_context
+    with pytest.raises(ConfigError, match=r"diffusion\.stack_context: stacks the Llama family's sigma-free blocks"):
+        config(family="masked", block="stream", time_conditioning=False)
 
 
 def test_stacked_blocks_train_in_order_and_a_changed_predecessor_is_refused(speeches, tmp_path):

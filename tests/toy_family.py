@@ -9,6 +9,8 @@ DBSCALE_FAMILIES=toy_family and this folder on PYTHONPATH.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,14 +21,25 @@ from dbscale.models.layers import KVCache
 from dbscale.models.llama import DiffusionBlocksLM
 
 
+@dataclass
+class BigramConfig:
+    """The family's own config section, `model.bigram:` (read as cfg.model.family_config)."""
+
+    prior_init_std: float = field(default=0.0, metadata={"help": "Std of the bigram table's init (0: zeros)."})
+
+
+def init_prior(table: nn.Embedding, std: float) -> None:
+    nn.init.normal_(table.weight, std=std) if std > 0 else nn.init.zeros_(table.weight)
+
+
 class BigramLM(nn.Module):
     """The baseline: p(x_i | x_<i) = softmax(W[x_{i-1}])."""
 
-    def __init__(self, vocab_size: int, seq_len: int):
+    def __init__(self, vocab_size: int, seq_len: int, init_std: float = 0.0):
         super().__init__()
         self.prior = nn.Embedding(vocab_size, vocab_size)
         self.context_length = seq_len
-        nn.init.zeros_(self.prior.weight)
+        init_prior(self.prior, init_std)
 
     def forward(self, tokens, positions=None, cache=None, targets=None, ce_chunk: int = 0):
         logits = self.prior(tokens)
@@ -50,10 +63,10 @@ class BigramLM(nn.Module):
 class BigramDenoiser(nn.Module):
     """A block: logits = W[x_{i-1}] + <z, E_v> / sigma^2 (noisy position i follows the last clean token)."""
 
-    def __init__(self, vocab_size: int, table: torch.Tensor):
+    def __init__(self, vocab_size: int, table: torch.Tensor, init_std: float = 0.0):
         super().__init__()
         self.prior = nn.Embedding(vocab_size, vocab_size)
-        nn.init.zeros_(self.prior.weight)
+        init_prior(self.prior, init_std)
         self.register_buffer("target_table", table, persistent=False)
 
     def forward(self, clean, z, sigma, clean_pos=None, noisy_pos=None, cache=None, targets=None, ce_chunk: int = 0):
@@ -77,11 +90,18 @@ class BigramChain(DiffusionBlocksLM):
 
 class BigramFamily(GaussianFamily):
     name = "bigram"
+    config_section = BigramConfig  # model.bigram: its own fields, validated here
+
+    def validate(self, cfg, fail) -> None:
+        super().validate(cfg, fail)
+        if cfg.model.family_config.prior_init_std < 0:
+            fail("model.bigram.prior_init_std", f"must be >= 0, got {cfg.model.family_config.prior_init_std}.")
 
     def build(self, job):
+        std = job.cfg.model.family_config.prior_init_std
         if not job.is_block:
-            return BigramLM(job.vocab_size, job.cfg.model.seq_len)
-        return BigramDenoiser(job.vocab_size, job.extras["table"])
+            return BigramLM(job.vocab_size, job.cfg.model.seq_len, std)
+        return BigramDenoiser(job.vocab_size, job.extras["table"], std)
 
     def build_merged(self, cfg, vocab_size, manifest, state):
         if manifest["kind"] == "blocks":

@@ -29,6 +29,7 @@ __all__ = [
     "load_config",
     "names",
     "register",
+    "sections",
 ]
 
 _REGISTRY: dict[str, Family] = {}
@@ -92,19 +93,25 @@ def layer_allocation(cfg) -> list[int]:
 # The config loaders of dbscale.config, with the family's rules: what every caller that loads a run's config uses.
 
 
+def sections() -> dict[str, type]:
+    """Each registered family's own config section (`model.<family>:`), for the loaders of dbscale.config."""
+    _load()
+    return {name: f.config_section for name, f in sorted(_REGISTRY.items()) if f.config_section is not None}
+
+
 def config_from_dict(data, where: str = "<config>"):
     from dbscale import config
 
-    return config.config_from_dict(data, where, check)
+    return config.config_from_dict(data, where, check, sections())
 
 
 def frozen_config_from_dict(data, where: str = "<run config>"):
     from dbscale import config
 
-    return config.frozen_config_from_dict(data, where, check)
+    return config.frozen_config_from_dict(data, where, check, sections())
 
 
 def load_config(path, overrides=None):
     from dbscale import config
 
-    return config.load_config(path, overrides, check)
+    return config.load_config(path, overrides, check, sections())

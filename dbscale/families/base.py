@@ -58,6 +58,9 @@ class Family:
     target_table: bool = True  # the run holds a frozen, seeded target embedding (target_embedding.safetensors)
     calibratable: bool = False  # can measure CE(sigma) to place its boundaries (diffusion.partition: calibrated)
     generates: str = "tokens"  # 'tokens': one token after another (next_token_logits); 'sequence': all at once
+    # The dataclass of the family's own fields, written as `model.<name>:` and read as cfg.model.family_config
+    # (None: the family reads only the shared ModelConfig).
+    config_section: type | None = None
 
     # --- config -------------------------------------------------------------------------------------------
     def validate(self, cfg, fail) -> None:

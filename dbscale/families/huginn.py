@@ -8,11 +8,13 @@ import torch
 
 from dbscale.families.base import Job, StepInfo, derive_seed
 from dbscale.families.gaussian import GaussianFamily
+from dbscale.models.huginn import HuginnConfig
 
 
 class HuginnFamily(GaussianFamily):
     name = "huginn"
     denoiser_blocks = True
+    config_section = HuginnConfig  # model.huginn: prelude, core, coda and the baseline's recurrence
 
     def validate(self, cfg, fail) -> None:
         super().validate(cfg, fail)
@@ -23,7 +25,8 @@ class HuginnFamily(GaussianFamily):
                 f"'{m.block}': the Huginn diffusion core is a two-stream block over its prelude's features (the "
                 "single-stream core is not built yet). Fix: remove model.block, or set it to two_stream.",
             )
-        parts = (m.prelude_layers, m.core_layers, m.coda_layers)
+        h = m.family_config
+        parts = (h.prelude_layers, h.core_layers, h.coda_layers)
         if min(parts) < 1 or sum(parts) != m.n_layers:
             fail(
                 "model.n_layers",
@@ -31,12 +34,14 @@ class HuginnFamily(GaussianFamily):
                 f"n_layers={m.n_layers}. Fix: set model.n_layers: {sum(parts)} (every part needs >= 1 layer).",
             )
         for key in ("mean_recurrence", "bptt_steps"):
-            if getattr(m, key) < 1:
-                fail(f"model.{key}", f"must be >= 1, got {getattr(m, key)}.")
-        if m.eval_recurrence is not None and m.eval_recurrence < 1:
-            fail("model.eval_recurrence", f"must be >= 1 or null, got {m.eval_recurrence}.")
-        if m.recurrence_std < 0 or m.state_init_std <= 0:
-            fail("model.recurrence_std", "recurrence_std must be >= 0 and state_init_std > 0.")
+            if getattr(h, key) < 1:
+                fail(f"model.huginn.{key}", f"must be >= 1, got {getattr(h, key)}.")
+        if h.eval_recurrence is not None and h.eval_recurrence < 1:
+            fail("model.huginn.eval_recurrence", f"must be >= 1 or null, got {h.eval_recurrence}.")
+        if h.recurrence_std < 0 or h.state_init_std <= 0:
+            fail("model.huginn.recurrence_std", "recurrence_std must be >= 0 and state_init_std > 0.")
+        if d.stack_context:
+            fail("diffusion.stack_context", "stacks the Llama family's sigma-free blocks only; remove it.")
         if d.layers_per_block is not None:
             fail("diffusion.layers_per_block", "a Huginn block is a whole prelude + core + coda; remove it.")
 
@@ -59,11 +64,11 @@ class HuginnFamily(GaussianFamily):
 
             module = getattr(model, "module", model)  # the DeepSpeed engine wraps the model
             if module.training:  # r and the initial state: functions of (seed, micro-batch), the same on every rank
-                m = job.cfg.model
+                h = job.cfg.model.family_config
                 r = sample_recurrence(
-                    np.random.default_rng(derive_seed(step.seed, step.index, 4)), m.mean_recurrence, m.recurrence_std
+                    np.random.default_rng(derive_seed(step.seed, step.index, 4)), h.mean_recurrence, h.recurrence_std
                 )
-                module.recurrence = (r, m.bptt_steps, derive_seed(step.seed, step.index, step.rank, 5))
+                module.recurrence = (r, h.bptt_steps, derive_seed(step.seed, step.index, step.rank, 5))
         return super().loss(job, model, window, draw, step)
 
     def build_merged(self, cfg, vocab_size: int, manifest: dict, state: dict[str, torch.Tensor]) -> tuple:

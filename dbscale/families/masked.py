@@ -23,6 +23,8 @@ class MaskedFamily(Family):
         check_layer_split(cfg, fail)
         if d.noisy_fraction != 1:
             fail("diffusion.noisy_fraction", "is read by the AR families (llama, huginn) only; remove it.")
+        if d.stack_context:
+            fail("diffusion.stack_context", "stacks the Llama family's sigma-free blocks only; remove it.")
         if not 0 < d.t_min < 1:
             fail("diffusion.t_min", f"must be in (0, 1), got {d.t_min}.")
         if not 0 < d.mask_eps < 1:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,6 +34,42 @@ from dbscale.models.layers import (
     stream_attention_mask,
 )
 from dbscale.models.llama import DenoiserBlock, DiffusionBlocksLM
+
+
+@dataclass
+class HuginnConfig:
+    """The Huginn family's own fields, `model.huginn:` in a config (cfg.model.family_config)."""
+
+    prelude_layers: int = field(default=2, metadata={"help": "Layers of the prelude (run once per token)."})
+    core_layers: int = field(
+        default=4, metadata={"help": "Layers of the recurrent core (iterated r times, or one Euler step)."}
+    )
+    coda_layers: int = field(
+        default=2, metadata={"help": "Layers of the coda; prelude + core + coda must equal model.n_layers."}
+    )
+    mean_recurrence: int = field(
+        default=32, metadata={"help": "Baseline: mean number of core iterations r during training."}
+    )
+    recurrence_std: float = field(
+        default=0.5,
+        metadata={"help": "Baseline: r = 1 + Poisson(exp(tau)), tau ~ N(ln(mean_recurrence) - std^2/2, std^2)."},
+    )
+    bptt_steps: int = field(
+        default=8, metadata={"help": "Baseline: backpropagate through the last k core iterations (all when r < k)."}
+    )
+    state_init_std: float = field(
+        default=1.0, metadata={"help": "Baseline: std of the random initial recurrent state."}
+    )
+    eval_recurrence: int | None = field(
+        default=None, metadata={"help": "Baseline: core iterations at inference; null = mean_recurrence."}
+    )
+
+
+def huginn_section(cfg: ModelConfig) -> HuginnConfig:
+    """cfg's Huginn section (the defaults for a ModelConfig built without one)."""
+    own = cfg.family_config
+    return own if isinstance(own, HuginnConfig) else HuginnConfig()
+
 
 DEFAULT_EULER_STEPS = 32  # the diffusion core's K when diffusion.sample_steps is null (the baseline's mean r)
 
@@ -81,12 +118,12 @@ class HuginnLM(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
-        d = cfg.d_model
+        d, self.own = cfg.d_model, huginn_section(cfg)
         self.embed_tokens = nn.Embedding(vocab_size, d)
-        self.prelude = _layers(cfg, cfg.prelude_layers)
+        self.prelude = _layers(cfg, self.own.prelude_layers)
         self.adapter = nn.Linear(2 * d, d, bias=False)  # [state; prelude output] -> core input
-        self.core = _layers(cfg, cfg.core_layers)
-        self.coda = _layers(cfg, cfg.coda_layers)
+        self.core = _layers(cfg, self.own.core_layers)
+        self.coda = _layers(cfg, self.own.coda_layers)
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.lm_head = Head(d, vocab_size)
         self.activation_checkpointing = False
@@ -97,7 +134,7 @@ class HuginnLM(nn.Module):
 
     @property
     def inference_iterations(self) -> int:
-        return self.cfg.eval_recurrence or self.cfg.mean_recurrence
+        return self.own.eval_recurrence or self.own.mean_recurrence
 
     def forward(
         self,
@@ -133,7 +170,7 @@ class HuginnLM(nn.Module):
             seed = 0  # evaluation without a given state: a fixed draw, so scores are reproducible
         if state is None:
             g = None if seed is None else torch.Generator(device=e.device).manual_seed(seed)
-            state = torch.randn(e.shape, generator=g, device=e.device, dtype=e.dtype) * cfg.state_init_std
+            state = torch.randn(e.shape, generator=g, device=e.device, dtype=e.dtype) * self.own.state_init_std
         s = state
         grad = torch.is_grad_enabled()
         for i in range(r):
@@ -165,7 +202,7 @@ class HuginnLM(nn.Module):
             )
             for s in seeds
         ]
-        return torch.stack(rows) * self.cfg.state_init_std
+        return torch.stack(rows) * self.own.state_init_std
 
     @torch.no_grad()
     def next_token_logits(self, cache: HuginnCache, new_tokens: torch.Tensor, seed=0, **sampling) -> torch.Tensor:
@@ -182,14 +219,15 @@ class HuginnDenoiser(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, sigma_data: float, target_embedding=None):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
+        own = huginn_section(cfg)
         self.embed_tokens = nn.Embedding(vocab_size, cfg.d_model)
-        self.prelude = _layers(cfg, cfg.prelude_layers)
+        self.prelude = _layers(cfg, own.prelude_layers)
         self.activation_checkpointing = False
         init_weights(self, cfg.init_std)  # (before the denoiser exists: its zero-inits stay)
         self.denoiser = DenoiserBlock(
             cfg,
             vocab_size,
-            cfg.core_layers + cfg.coda_layers,
+            own.core_layers + own.coda_layers,
             sigma_data,
             target_embedding,
             context_features=True,
@@ -239,7 +277,7 @@ class HuginnDiffusionLM(DiffusionBlocksLM):
     KV cache of the clean context; each block's prelude runs once per new token."""
 
     @staticmethod
-    def make_block(cfg: Config, vocab_size: int, n_layers: int, table: torch.Tensor, stacked: bool) -> nn.Module:
+    def make_block(cfg: Config, vocab_size: int, n_layers: int, table: torch.Tensor) -> nn.Module:
         return HuginnDenoiser(cfg.model, vocab_size, cfg.diffusion.sigma_data, table)
 
     def default_steps(self) -> int:

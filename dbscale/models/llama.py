@@ -532,8 +532,11 @@ class DiffusionBlocksLM(nn.Module):
         d = cfg.diffusion
         layers = default_layer_allocation(cfg) if layers is None else layers
         self.stacked = d.stack_context  # block b > 0 reads block b-1's residual stream
-        self.blocks = nn.ModuleList(
-            self.make_block(cfg, vocab_size, n, target_embedding.float(), b > 0 and self.stacked)
+        table = target_embedding.float()
+        self.blocks = nn.ModuleList(  # (a family's own make_block need not know `stacked`)
+            self.make_block(cfg, vocab_size, n, table, stacked=True)
+            if b > 0 and self.stacked
+            else self.make_block(cfg, vocab_size, n, table)
             for b, n in enumerate(layers)
         )
         self.register_buffer("target_embedding", target_embedding.float(), persistent=True)
@@ -554,7 +557,7 @@ class DiffusionBlocksLM(nn.Module):
         self.step_blocks = step_blocks
 
     @staticmethod
-    def make_block(cfg: Config, vocab_size: int, n_layers: int, table: torch.Tensor, stacked: bool) -> nn.Module:
+    def make_block(cfg: Config, vocab_size: int, n_layers: int, table: torch.Tensor, stacked=False) -> nn.Module:
         return denoiser_block(cfg.model, vocab_size, n_layers, cfg.diffusion.sigma_data, table, stacked)
 
     @property
