@@ -55,3 +55,18 @@ def test_generated_tables_match_their_json():
     assert table == depth.markdown_table(results), "stale: run python bench/depth.py --render"
     first = next(iter(results["rows"].values()))["model"]["per_k"]["1"]["accuracy"]
     assert f"{first:.3f}" in table  # the table shows the JSON's figures
+
+
+def test_every_result_records_command_device_date_and_commit():
+    """bench/results/ under one schema (bench/common.py write_results; older files migrated by
+    bench/migrate_results.py, which says in `provenance` what it inferred)."""
+    import json
+
+    files = sorted((ROOT / "bench/results").glob("*.json"))
+    assert len(files) >= 40
+    for path in files:
+        data = json.loads(path.read_text())
+        missing = [k for k in ("command", "device_info", "date", "commit") if k not in data]
+        assert not missing, f"{path.name} lacks {missing}: run python bench/migrate_results.py"
+        assert isinstance(data["command"], str) or "command_note" in data, path.name
+        assert data["date"] and data["device_info"], path.name
