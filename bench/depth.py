@@ -53,6 +53,17 @@ def answer_logprobs(model, windows: np.ndarray, batch: int = 64) -> np.ndarray:
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def block_prior_logprobs(chain, windows: np.ndarray, batch: int = 100) -> list[np.ndarray]:
+    """Each sigma-free block's prior log-probabilities (N, T, V) given the true context: the block read as an LM."""
+    out = [[] for _ in chain.blocks]
+    for i in range(0, len(windows), batch):
+        w = torch.from_numpy(windows[i : i + batch])
+        for b, prior in enumerate(chain.priors([w[:, :-1]] * len(chain.blocks))):
+            out[b].append(torch.log_softmax(prior.float(), -1).numpy())
+    return [np.concatenate(x) for x in out]
+
+
 def score(pred: np.ndarray, windows: np.ndarray, tok, max_k: int) -> dict:
     """Accuracy at the answer positions per k, overall and on non-null answers."""
     targets = windows[:, 1:]
@@ -103,7 +114,7 @@ def scored(rows: dict) -> list[tuple[str, dict]]:
     out = []
     for label, row in rows.items():
         for kind, result in row.items():
-            if kind in ("models", "scored_by", "jobs"):
+            if kind in ("models", "scored_by", "jobs", "diagnostics"):
                 continue
             out.append((label if kind == "model" else f"{label}, {kind.replace('_', ' ')}", result))
     return out
@@ -123,6 +134,14 @@ def markdown_table(results: dict) -> str:
         cells = [r["per_k"].get(k, {}).get("accuracy_non_null") for k in ks]
         cells = ["-" if c is None else f"{c:.3f}" for c in cells]
         lines.append(f"| {label}, non-null answers | " + " | ".join(cells) + " | |")
+    diagnostics = [(label, row["diagnostics"]) for label, row in results["rows"].items() if "diagnostics" in row]
+    if diagnostics:
+        lines += ["", "Where a chain's answer comes from: each block's prior read alone as an LM (true context), and "
+                  "their product:", "", lines[0], lines[1]]  # fmt: skip
+        for label, parts in diagnostics:
+            for part, r in parts.items():
+                cells = [f"{r['per_k'][k]['accuracy']:.3f}" if k in r["per_k"] else "-" for k in ks]
+                lines.append(f"| {label}: {part} | " + " | ".join(cells) + f" | {r['accuracy']:.3f} |")
     return "\n".join(lines)
 
 
@@ -191,13 +210,26 @@ def main() -> int:
         else:
             logp = answer_logprobs(models[0], windows)
             results["model"] = score(logp.argmax(-1), windows, tok, run.config.data.khop_max_k)
+            if getattr(models[0], "sigma_free", False):  # where the chain's answer comes from: its blocks' priors
+                priors = block_prior_logprobs(models[0], windows)
+                diagnostics = {
+                    f"block {b} prior": score(lp.argmax(-1), windows, tok, run.config.data.khop_max_k)
+                    for b, lp in enumerate(priors)
+                }
+                product = np.mean(priors, axis=0)
+                diagnostics["product of the block priors"] = score(
+                    product.argmax(-1), windows, tok, run.config.data.khop_max_k
+                )
+                results["diagnostics"] = diagnostics
         from dbscale.commands import invocation
 
         # rows of several invocations share the file: each keeps the command (and commit) that scored it
         rows[label] = {"models": dirs, **results, "scored_by": {"command": invocation(), "commit": git_commit()}}
         chain = hasattr(models[0], "teacher_forced_logits")
         rows[label]["jobs"] = [job_costs(open_run(run_of(d)), chain) for d in dirs]
-        for kind, r in results.items():
+        for kind, r in [*results.items(), *results.get("diagnostics", {}).items()]:
+            if kind == "diagnostics":
+                continue
             per_k = "  ".join(f"k={k}: {v['accuracy']:.3f}" for k, v in r["per_k"].items())
             print(f"{label:<28} {kind:<18} all {r['accuracy']:.3f}  {per_k}")
     out = write_results(args.out, {"rows": rows, "documents": args.documents})
