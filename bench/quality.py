@@ -222,6 +222,12 @@ def main() -> int:
         "total_wall_s": round(time.time() - t0, 1),
     }
     report["summary"] = summary
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import device_info, git_commit
+
+    report["evaluate_command"] = report.get("command")  # the schema's command is the bench's own
+    report.update(command=invocation(), device_info=device_info(), commit=git_commit())
+    report["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out.write_text(json.dumps(report, indent=2) + "\n")
     samples = args.num_prompts * args.samples_per_prompt
     print(f"\n{args.name}: {cfg.train.steps} steps per job, seeds {seeds}, {samples} samples per model")
