@@ -87,7 +87,7 @@ def merge_run(run_dir: str | Path, e2e: bool = False, allow_unfinished: bool = F
             hashes[job] = state_sha256(part)
         log(f"[merge] {'e2e' if job is None else f'block {job}'}: {source['tag']} ({len(part)} tensors)")
     if hashes:
-        check_stacked_chain({int(b): s for b, s in sources.items()}, hashes)
+        check_stacked_chain({int(b): s for b, s in sources.items()}, hashes, run.root)
     if not e2e and "target_embedding_sha256" in run.manifest:
         state["target_embedding"] = run.load_target_embedding()
 
@@ -199,15 +199,16 @@ def load_ensemble(paths: list[str | Path], mode: str = "product", device: str | 
     return ensemble.eval(), tok, {**first, "kind": "ensemble", "mode": mode, "members": [str(p) for p in paths]}
 
 
-def check_stacked_chain(markers: dict[int, dict], hashes: dict[int, str]) -> None:
+def check_stacked_chain(markers: dict[int, dict], hashes: dict[int, str], root) -> None:
     """Merge: every stacked block's recorded predecessors are the blocks being merged."""
     for block, marker in sorted(markers.items()):
         for record in marker.get("predecessors") or []:
             b = record["block"]
             if hashes.get(b) != record["sha256"]:
                 raise RunError(
-                    f"block {block} was trained on block {b} with weights sha256 {record['sha256'][:12]}, but the "
-                    f"block {b} being merged has {str(hashes.get(b))[:12]}: block {b} was retrained after block "
-                    f"{block} trained on it. Nothing was merged. Fix: retrain blocks {block}..{max(markers)} in "
-                    f"order (dbscale launch --run R --local --blocks {block},...), or restore block {b}."
+                    f"{root}: block {block} was trained on block {b} with weights sha256 "
+                    f"{record['sha256'][:12]}, but the block {b} being merged has {str(hashes.get(b))[:12]}: block "
+                    f"{b} was retrained after block {block} trained on it. Nothing was merged. Fix: retrain blocks "
+                    f"{block}..{max(markers)} in order (dbscale launch --run {root} --local --blocks {block},...), "
+                    f"or restore block {b}."
                 )
