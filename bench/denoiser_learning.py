@@ -1,16 +1,17 @@
 """Does a denoiser block learn what a language model of its depth learns? Ablations of the block's design.
 
-    python bench/denoiser_learning.py                          # demo recipe, block 0, 400 steps (~25 min here)
+    python bench/denoiser_learning.py                          # demo recipe, block 0, 400 steps
     python bench/denoiser_learning.py --variants lm,paper,dbscale --seeds 0,1,2
     python bench/denoiser_learning.py --block 2 --variants paper,dbscale
 
 Every job is trained in this process on the run's data with the recipe's optimizer (AdamW, warm-up + decay,
 clipping, micro-batch) for the same number of steps, drawing the same windows as the block jobs do:
   lm        a plain causal LM (LlamaLM) of the block's depth: the reference
-  paper     the paper's denoiser block (noisy input z, EDM readout, zero-initialised readout and gates,
-            EDM loss weight, no prior term)
-  +<switch> the paper's block with one switch changed (see SWITCHES)
-  dbscale   every switch changed (dbscale's block); -<switch>: dbscale's block with one switch back
+  paper     the paper's denoiser block (model.block paper: noisy input z, EDM readout, zero-initialised
+            readout, EDM loss weight, no prior term)
+  dbscale   dbscale's two-stream block (noisy rows read the token they follow, posterior readout, prior term)
+  stream, stream_free  the single-stream block, noise-conditioned and sigma-free
+  <variant>:<field>=<value>  one diffusion field changed (loss_weighting, prior_loss)
 A block is trained on its own widened sigma slice with the run's log-normal draw. Measured on fixed held-out
 windows (--eval-windows x seq_len positions): the block fed z = sigma_max * eps, where it must predict from the
 context alone (cross-entropy and accuracy, against steps), and its cross-entropy over its own slice (one fixed
@@ -37,69 +38,56 @@ sys.path.insert(0, str(ROOT))
 from bench.common import device_info  # noqa: E402
 from dbscale import families  # noqa: E402
 
-# switch -> (the paper's value, dbscale's value); loss_weighting and prior_loss are diffusion fields, the rest
-# model fields. adaln_gate_init is the same in both (adaLN-Zero); its other value is measured as
-# 'dbscale:adaln_gate_init=one'. prior_loss applies to the posterior readout only (the paper's has no prior).
-SWITCHES = {
-    "noisy_input": ("z", "token"),
-    "readout": ("edm", "posterior"),
-    "readout_init": ("zero", "normal"),
-    "loss_weighting": ("edm", "none"),
-    "adaln_gate_init": ("zero", "zero"),
-    "prior_loss": (0.0, 1.0),
+# variant -> the block (model fields) and the loss it trains with (diffusion fields). The design switches
+# these blocks once were combinations of (noisy_input, readout, readout_init, adaln_gate_init) were retired after
+# their ablations (docs/results/ar_chain.md keeps that table; it was measured at commit a98d625 or earlier).
+BLOCK_VARIANTS = {
+    "paper": {"block": "paper", "time_conditioning": True, "loss_weighting": "edm", "prior_loss": 0.0},
+    "dbscale": {"block": "two_stream", "time_conditioning": True, "loss_weighting": "none", "prior_loss": 1.0},
+    "stream": {"block": "stream", "time_conditioning": True, "loss_weighting": "none", "prior_loss": 1.0},
+    "stream_free": {"block": "stream", "time_conditioning": False, "loss_weighting": "none", "prior_loss": 1.0},
 }
 DIFFUSION_SWITCHES = ("loss_weighting", "prior_loss")
 
 
 def variant_settings(name: str) -> dict | None:
-    """Switch values of a variant (None for the plain LM). Names: lm, paper, dbscale, +<switch> (the paper's
-    block with dbscale's value of one switch), -<switch> (dbscale's block with the paper's value), and any of
-    these followed by ':<switch>=<value>' parts, e.g. 'dbscale:noisy_input=token+z'."""
+    """The settings of a variant (None for the plain LM). Names: lm, one of BLOCK_VARIANTS, optionally followed
+    by ':<diffusion field>=<value>' parts, e.g. 'dbscale:prior_loss=0' or 'paper:loss_weighting=none'."""
     if name == "lm":
         return None
     base, *assignments = name.split(":")
-    if base in ("paper", "dbscale"):
-        settings = {k: v[base == "dbscale"] for k, v in SWITCHES.items()}
-    elif base[:1] in "+-" and base[1:] in SWITCHES:
-        settings = variant_settings("paper" if base[0] == "+" else "dbscale")
-        settings[base[1:]] = SWITCHES[base[1:]][base[0] == "+"]
-        if settings["readout"] == "edm":  # '-readout': the 'edm' readout has no prior to train
-            settings["prior_loss"] = 0.0
-    else:
-        raise ValueError(
-            f"unknown variant '{name}': lm, paper, dbscale, +<switch> or -<switch> ({', '.join(SWITCHES)})"
-        )
+    if base not in BLOCK_VARIANTS:
+        raise ValueError(f"unknown variant '{name}': lm, {', '.join(BLOCK_VARIANTS)}, with ':<field>=<value>' parts")
+    settings = dict(BLOCK_VARIANTS[base])
     for part in assignments:
         key, _, value = part.partition("=")
-        if key not in SWITCHES or not value:
-            raise ValueError(f"variant '{name}': '{part}' is not <switch>=<value> ({', '.join(SWITCHES)})")
+        if key not in DIFFUSION_SWITCHES or not value:
+            raise ValueError(f"variant '{name}': '{part}' is not <field>=<value> ({', '.join(DIFFUSION_SWITCHES)})")
         settings[key] = float(value) if key == "prior_loss" else value
-    if settings["prior_loss"] > 0 and settings["readout"] != "posterior":
-        raise ValueError(f"variant '{name}': prior_loss needs readout posterior (the 'edm' readout has no prior)")
+    if settings["prior_loss"] > 0 and settings["block"] == "paper":
+        raise ValueError(f"variant '{name}': prior_loss needs a block with a prior (the paper's EDM readout has none)")
     return settings
 
 
 def build(run, settings: dict | None, block: int):
     from dataclasses import replace
 
-    from dbscale.models.llama import DenoiserBlock, LlamaLM, block_reads_table
+    from dbscale.models.llama import LlamaLM, block_reads_table, denoiser_block
 
     cfg = run.config
     layers = families.layer_allocation(cfg)[block]
     if settings is None:
         return LlamaLM(replace(cfg.model, n_layers=layers), run.vocab_size)
     model_cfg = replace(cfg.model, **{k: v for k, v in settings.items() if k not in DIFFUSION_SWITCHES})
-    table = run.load_target_embedding()
-    return DenoiserBlock(
-        model_cfg, run.vocab_size, layers, cfg.diffusion.sigma_data, table if block_reads_table(model_cfg) else None
-    )
+    table = run.load_target_embedding() if block_reads_table(model_cfg) else None
+    return denoiser_block(model_cfg, run.vocab_size, layers, cfg.diffusion.sigma_data, table)
 
 
 @torch.no_grad()
 def evaluate(model, run, windows: torch.Tensor, interval, batch: int, seed: int) -> dict:
     """Context-only CE / accuracy at sigma_max and CE over the slice (a plain LM: its CE and accuracy)."""
     from dbscale.diffusion.noise import sample_truncated_lognormal
-    from dbscale.models.llama import DenoiserBlock
+    from dbscale.models.llama import LlamaLM
 
     model.eval()
     d = run.config.diffusion
@@ -109,7 +97,7 @@ def evaluate(model, run, windows: torch.Tensor, interval, batch: int, seed: int)
     for i in range(0, len(windows), batch):
         w = windows[i : i + batch]
         context, targets = w[:, :-1], w[:, 1:]
-        if isinstance(model, DenoiserBlock):
+        if not isinstance(model, LlamaLM):
             n = len(w)
             noise = torch.randn(n, targets.shape[1], E.shape[1], generator=g)
             _, logits = model(context, d.sigma_max * noise, torch.full((n,), d.sigma_max))
@@ -123,7 +111,7 @@ def evaluate(model, run, windows: torch.Tensor, interval, batch: int, seed: int)
     model.train()
     n = windows[:, 1:].numel()
     out = {"ce": sums["ce"] / n, "accuracy": sums["correct"] / n}
-    if isinstance(model, DenoiserBlock):
+    if not isinstance(model, LlamaLM):
         out["slice_ce"] = sums["slice_ce"] / n
     return out
 
@@ -225,8 +213,7 @@ def main() -> int:
     p.add_argument("--block", type=int, default=0)
     p.add_argument(
         "--variants",
-        default="lm,paper,+noisy_input,+readout,+readout_init,+loss_weighting,dbscale,-noisy_input,-readout,"
-        "-readout_init,-loss_weighting,-prior_loss,dbscale:noisy_input=token+z,dbscale:adaln_gate_init=one",
+        default="lm,paper,paper:loss_weighting=none,dbscale,dbscale:prior_loss=0,stream,stream_free",
     )
     p.add_argument("--seeds", default="0")
     p.add_argument("--steps", type=int, default=None, help="default: the recipe's train.steps")

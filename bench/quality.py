@@ -203,10 +203,7 @@ def main() -> int:
         "layers_per_block": families.layer_allocation(cfg),
         "baselines_from": [str(r.relative_to(ROOT)) for r in baseline_runs],
         "ensembles": [{"members": e.split(","), "mode": args.ensemble_mode} for e in ensembles],
-        "block_design": {
-            k: getattr(cfg.model, k)
-            for k in ("block", "time_conditioning", "noisy_input", "readout", "readout_init", "adaln_gate_init")
-        }
+        "block_design": {k: getattr(cfg.model, k) for k in ("block", "time_conditioning")}
         | {"sigma_draw": cfg.diffusion.sigma_draw},
         "sampler": {
             "estimate": cfg.diffusion.sample_estimate,

@@ -71,37 +71,17 @@ class ModelConfig:
         "d x e projection of the frozen target table: no V x d weights in a block job).",
     )
 
-    block: Literal["stream", "two_stream"] = _field(
+    block: Literal["two_stream", "stream", "paper"] = _field(
         "two_stream",
-        "Llama family, the denoiser block's layout (docs/METHOD.md 5c): 'two_stream' (the clean and the noisy copy "
-        "of the sequence side by side, 2T rows per layer: the paper's layout) or 'stream' (one pass over the clean "
-        "tokens like an LM; row i-1's output through the norm and head is the prior for x_i and the head adds "
-        "the evidence <z_i, E_v> / sigma^2: half the layer rows, activations and KV cache). With 'stream', "
-        "model.time_conditioning false makes the block sigma-free (plain pre-norm layers, no adaLN): its prior "
-        "is the same at every sigma, so the sampler runs its layers once per token. Runs prepared before the "
-        "field keep 'two_stream'.",
-    )
-    noisy_input: Literal["z", "token+z", "token"] = _field(
-        "token",
-        "AR denoiser block, what its noisy stream reads at position i: 'z' (the paper: in_proj(c_in * z_sigma) "
-        "only), 'token+z' (plus the context input of the token it follows, which a plain LM's predicting "
-        "position holds) or 'token' (that token alone; the noisy target then enters through the readout only).",
-    )
-    readout: Literal["edm", "posterior"] = _field(
-        "posterior",
-        "AR denoiser block readout: 'edm' (the paper: D = c_skip*z + c_out*F, then norm and head) or 'posterior' "
-        "(logits = head(norm(F)) + <z, E_v> / sigma^2: the network gives the context's prior, the exact Gaussian "
-        "likelihood of each target row E_v is added, so the softmax is the Bayes posterior p(v | context, z)).",
-    )
-    readout_init: Literal["zero", "normal"] = _field(
-        "normal",
-        "AR denoiser block: initialise out_proj, the final AdaLN and the head at 'zero' (the paper: a fresh block "
-        "returns c_skip*z) or 'normal' (N(0, init_std), as a plain LM's head; no saddle at the start).",
-    )
-    adaln_gate_init: Literal["zero", "one"] = _field(
-        "zero",
-        "Denoiser layers' AdaLN gates at initialisation: 'zero' (adaLN-Zero, DiT: every layer starts as the "
-        "identity) or 'one' (every layer starts as the plain pre-norm Llama layer; shift and scale still 0).",
+        "AR denoiser block layout (llama; huginn: two_stream or paper), docs/METHOD.md 5b-5c: 'two_stream' (the "
+        "clean copy of the sequence and one noisy row per target side by side, 2T rows per layer; a noisy row "
+        "reads the token it follows and z enters only through the posterior readout, logits = head(norm(F)) + "
+        "<z, E_v> / sigma^2: dbscale's block), 'stream' (one pass over the clean tokens like an LM; row i-1's "
+        "output through the norm and head is the prior for x_i, plus the same evidence: half the layer rows, "
+        "activations and KV cache; with model.time_conditioning false it is sigma-free, and the sampler runs "
+        "its layers once per token) or 'paper' (the paper's block: the two-stream layout whose noisy rows read "
+        "in_proj(c_in * z), EDM readout D = c_skip*z + c_out*F, readout initialised at zero; pair it with "
+        "diffusion.loss_weighting edm and prior_loss 0). Runs prepared before the field keep 'two_stream'.",
     )
 
     time_conditioning: bool = _field(
@@ -180,12 +160,13 @@ class DiffusionConfig:
     )
     prior_loss: float = _field(
         1.0,
-        "AR denoiser blocks with the posterior readout: weight of a second cross-entropy on the prior logits alone "
-        "(head(norm(F)), the block's context-only prediction, before the Gaussian evidence of z is added). Where "
+        "AR denoiser blocks with a prior (model.block two_stream or stream): weight of a second cross-entropy on "
+        "the prior logits alone (head(norm(F)), the block's context-only prediction, before the Gaussian "
+        "evidence of z is added). Where "
         "sigma is small the evidence decides the posterior and the prior gets almost no gradient, so a low-noise "
         "block's prior, which the chain falls back on whenever the token is not yet identifiable, stays weak; this "
         "term trains it at every sigma. 0 = the posterior CE alone (runs prepared before the field existed keep "
-        "0). Ignored by the 'edm' readout, which has no separate prior.",
+        "0). Ignored by the paper's block, whose EDM readout has no separate prior.",
     )
     noisy_fraction: float = _field(
         1.0,
@@ -519,10 +500,57 @@ def _model_from_dict(data: Any, where: str, sections: Sections, frozen: bool) ->
                 f"{where}: model.{key} is read by the '{owner}' family only (model.{owner}.{key}), and "
                 f"model.family is '{family}'. Fix: remove it."
             )
+    _retired_switches(data, where, frozen)
     model = _section_from_dict(ModelConfig, data, where, "model")
     if family in sections:
         model.family_config = _section_from_dict(sections[family], own, where, f"model.{family}")
     return model
+
+
+# The AR block's design switches, retired once their ablations were measured (docs/results/ar_chain.md, "Does
+# a block learn ..."): every other combination was a dead end, so each model.block layout has one value of each.
+# field -> (the value of dbscale's blocks, two_stream and stream; the value of the paper's block).
+RETIRED_SWITCHES = {
+    "noisy_input": ("token", "z"),
+    "readout": ("posterior", "edm"),
+    "readout_init": ("normal", "zero"),
+    "adaln_gate_init": ("zero", "zero"),
+}
+LAST_WITH_SWITCHES = "a98d625"  # the last dbscale commit whose ModelConfig had them
+
+
+def _retired_switches(data: dict, where: str, frozen: bool) -> None:
+    """Read a config that sets the retired block switches (every run directory before their retirement records
+    them): the setting of dbscale's block is dropped, the paper's becomes model.block 'paper' (a note to the
+    user, silently for a run's records), any other combination is refused naming the field and the fix."""
+    given = {key: data.pop(key) for key in list(data) if key in RETIRED_SWITCHES}
+    if not given:
+        return
+    ours = {key: values[0] for key, values in RETIRED_SWITCHES.items()}
+    paper = {key: values[1] for key, values in RETIRED_SWITCHES.items()}
+    block = data.get("block", "two_stream")
+    if block == "two_stream" and {**ours, **given} == paper:  # the paper's block, as it was written
+        block = data["block"] = "paper"
+    expected = paper if block == "paper" else ours
+    wrong = [key for key, value in given.items() if value != expected[key]]
+    if wrong:
+        key = wrong[0]
+        if frozen:
+            raise ConfigError(
+                f"{where}: model.{key}: '{given[key]}' (with model.block '{block}') was set with a dbscale version "
+                f"that still had the block's design switches (commit {LAST_WITH_SWITCHES} or earlier); today each "
+                f"block layout has one setting. Fix: load this run with that version (git checkout "
+                f"{LAST_WITH_SWITCHES})."
+            )
+        raise ConfigError(
+            f"{where}: model.{key}: '{given[key]}' is a retired design switch (its ablation was measured a dead "
+            f"end: docs/results/ar_chain.md). dbscale's blocks (model.block two_stream or stream) have {key} "
+            f"'{ours[key]}', the paper's block (model.block: paper) '{paper[key]}'. Fix: remove model.{key} and "
+            "choose the block with model.block."
+        )
+    if not frozen:
+        keys = ", ".join(f"model.{k}" for k in given)
+        print(f"[config] {where}: {keys}: retired; read as model.block: {block}. Remove {keys}.", file=sys.stderr)
 
 
 def _section_from_dict(cls: type, data: Any, where: str, section: str) -> Any:
@@ -631,6 +659,7 @@ def apply_overrides(data: dict, overrides: list[str], where: str = "--set", sect
         known = field_names(_SECTIONS[section])
         if section == "model":
             known += [k for cls in sections.values() for k in field_names(cls)]  # read into its family's section
+            known += list(RETIRED_SWITCHES)  # refused or mapped by the loader, with the fix
         if key not in known:
             raise _unknown_key(f"{where} {dotted.strip()}: section '{section}'", key, known)
         data.setdefault(section, {})

@@ -207,7 +207,7 @@ def chain_diagnostics(model, windows: np.ndarray, seed: int = 0) -> list[dict]:
     E = model.target_embedding
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
     m = model.cfg.model
-    posterior = families.get(m.family).denoiser_blocks and m.readout == "posterior"
+    posterior = families.get(m.family).denoiser_blocks and m.block != "paper"
     rows = []
 
     def record(step, block, sigma, logits):

@@ -9,7 +9,8 @@ names, so conversion is a prefix change: HF keeps the body under `model.` and `l
   `blocks=True`, for each DiffusionBlocks block: block b takes the pretrained layers it owns, the pretrained
   embedding (its context embedding), final norm and head; its time embedder and input projection start fresh,
   its AdaLN modulation at zero with the gates open (the pretrained layers act from the first step), and the
-  readout as the pretrained one (posterior readout: out_proj the identity; the paper's EDM readout: at zero).
+  readout as the pretrained one (dbscale's posterior readout: out_proj the identity; the paper's block: its
+  EDM readout at zero).
   This converts an existing model to block-wise continued training. Jobs pick the weights up from
   `R/init/` when they start without a checkpoint.
 """
@@ -234,7 +235,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, blocks: bool = False, log
             elif m.embed_dim == m.d_model and m.head == "learned":  # the head reads the target space; reuse it
                 state["norm.weight"] = e2e["norm.weight"]
                 state["lm_head.weight"] = e2e["lm_head.weight"]
-                if m.readout == "posterior":  # head(norm(h)): the pretrained readout of the block's last layer
+                if m.block != "paper":  # head(norm(h)): the pretrained readout of the block's last layer
                     state["out_proj.weight"] = torch.eye(m.d_model)
             offset += n
             name = f"block_{b}.safetensors"

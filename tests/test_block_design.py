@@ -2,28 +2,29 @@
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import CFG, V, randomize
 
-from dbscale.config import Config, ConfigError
-from dbscale.diffusion.noise import edm_precond
+from dbscale.config import Config, ConfigError, frozen_config_from_dict
 from dbscale.diffusion.sampler import ancestral_step, clean_estimate, draw_tokens, nucleus
-from dbscale.families import config_from_dict
+from dbscale.families import config_from_dict, sections
 from dbscale.generate import generate_ids
 from dbscale.models.layers import TransformerLayer, rope_cos_sin, zero_init_adaln
-from dbscale.models.llama import DenoiserBlock, DiffusionBlocksLM, denoiser_loss, frozen_target_embedding
+from dbscale.models.llama import DenoiserBlock, DiffusionBlocksLM, PaperBlock, denoiser_loss, frozen_target_embedding
 
 DBSCALE = CFG  # dbscale's default block: noisy input 'token', posterior readout, normal readout init, adaLN-Zero
-PAPER = dataclasses.replace(CFG, noisy_input="z", readout="edm", readout_init="zero")
+PAPER = dataclasses.replace(CFG, block="paper")
 E = frozen_target_embedding(V, CFG.embed_dim, 0)
 
 
 def test_posterior_readout_adds_the_exact_gaussian_log_likelihood():
     """With the network's prior zeroed, the block's distribution is the Bayes posterior under a uniform prior:
     softmax over v of log N(z; E_v, sigma^2 I), computed here directly from the Gaussian density."""
-    block = DenoiserBlock(dataclasses.replace(DBSCALE, readout_init="zero"), V, 2, 0.5, E).eval()
+    block = DenoiserBlock(DBSCALE, V, 2, 0.5, E).eval()
+    torch.nn.init.zeros_(block.lm_head.weight)  # the prior: uniform
     window = torch.randint(0, V, (2, 7))
     sigma = torch.tensor([0.3, 1.7])
     z = E[window[:, 1:]] + sigma.view(-1, 1, 1) * torch.randn(2, 6, CFG.embed_dim)
@@ -81,17 +82,17 @@ def test_prior_loss_is_the_ce_of_the_logits_less_the_evidence():
 
 
 def test_prior_ce_is_refused_where_there_is_no_prior():
-    block = DenoiserBlock(PAPER, V, 1, 0.5, E)
+    block = PaperBlock(PAPER, V, 1, 0.5, E)
     window, sigma = torch.randint(0, V, (1, 5)), torch.tensor([1.0])
-    with pytest.raises(ValueError, match="'edm' readout has no separate prior"):
+    with pytest.raises(ValueError, match="the paper's block \\(EDM readout\\) has no separate prior"):
         block(window[:, :-1], torch.randn(1, 4, CFG.embed_dim), sigma, targets=window[:, 1:], prior_ce=True)
     with pytest.raises(ConfigError, match=r"diffusion.prior_loss: must be >= 0"):
         config_from_dict({"diffusion": {"prior_loss": -1}})
 
 
 def test_the_family_loss_adds_the_prior_term_only_to_posterior_blocks(tiny_cfg, tmp_path):
-    """GaussianFamily.loss: the llama family's block with the posterior readout gets diffusion.prior_loss, the
-    'edm' readout none, and prior_loss 0 gives the posterior CE alone."""
+    """GaussianFamily.loss: dbscale's block (posterior readout) gets diffusion.prior_loss, the paper's block
+    (EDM readout) none, and prior_loss 0 gives the posterior CE alone."""
     from dbscale import families
     from dbscale.create_run import prepare_run
     from dbscale.families.base import StepInfo
@@ -103,7 +104,7 @@ def test_the_family_loss_adds_the_prior_term_only_to_posterior_blocks(tiny_cfg, 
     for readout, prior in (("posterior", 0.0), ("posterior", 1.0), ("posterior", 2.0), ("edm", 1.0)):
         cfg = dataclasses.replace(
             run.config,
-            model=dataclasses.replace(run.config.model, readout=readout),
+            model=dataclasses.replace(run.config.model, block="paper" if readout == "edm" else "two_stream"),
             diffusion=dataclasses.replace(run.config.diffusion, prior_loss=prior),
         )
         job = family.job(run, 0)
@@ -123,13 +124,13 @@ def test_the_family_loss_adds_the_prior_term_only_to_posterior_blocks(tiny_cfg, 
     assert losses["posterior", 2.0] - losses["posterior", 0.0] == pytest.approx(2 * gap, rel=1e-4)
 
 
-@pytest.mark.parametrize("noisy_input", ["token+z", "token"])
-def test_token_on_the_noisy_stream_keeps_causality(noisy_input):
+def test_token_on_the_noisy_stream_keeps_causality():
     """The noisy position predicting x_i reads x_{i-1}'s embedding: it must depend on x_0..x_{i-1}, on each of
     them, and on nothing later (brute force over every context token)."""
-    design = dataclasses.replace(DBSCALE, noisy_input=noisy_input, adaln_gate_init="one")  # layers act at once
-    torch.manual_seed(0)  # a fresh block (small weights: no saturated attention), in fp64
-    block = DenoiserBlock(design, V, 1, 0.5, E.double()).double()
+    block = randomize(DenoiserBlock(DBSCALE, V, 1, 0.5, E.double()).double())  # every layer acts, in fp64
+    with torch.no_grad():
+        for p in block.parameters():
+            p.mul_(0.3)  # small weights: no saturated attention
     T = 7
     window = torch.randint(0, V, (1, T + 1), generator=torch.Generator().manual_seed(4))
     z = torch.randn(1, T, CFG.embed_dim, dtype=torch.float64)
@@ -145,18 +146,18 @@ def test_token_on_the_noisy_stream_keeps_causality(noisy_input):
 
 
 def test_token_on_the_noisy_stream_is_the_preceding_clean_input():
-    """A one-layer block with attention and MLP gated shut: the noisy stream's hidden state is exactly
-    in_proj(c_in z) + the embedding of the token it follows."""
-    cfg = dataclasses.replace(DBSCALE, noisy_input="token+z", adaln_gate_init="zero")
-    block = DenoiserBlock(cfg, V, 1, 0.5, E).eval()
+    """A one-layer block with attention and MLP gated shut (adaLN-Zero): the noisy stream's hidden state is
+    exactly the embedding of the token it follows, and it does not depend on z."""
+    block = DenoiserBlock(DBSCALE, V, 1, 0.5, E).eval()
     seen = {}
     block.layers[0].register_forward_hook(lambda m, args, out: seen.update(h=out))
     window = torch.randint(0, V, (1, 6))
-    z, sigma = torch.randn(1, 5, CFG.embed_dim), torch.tensor([2.0])
-    block(window[:, :-1], z, sigma)
-    c_in = edm_precond(sigma, 0.5)[2]
-    expected = block.in_proj(c_in * z) + block.embed_tokens(window[:, :-1])
-    torch.testing.assert_close(seen["h"][:, 5:], expected)
+    sigma = torch.tensor([2.0])
+    block(window[:, :-1], torch.randn(1, 5, CFG.embed_dim), sigma)
+    torch.testing.assert_close(seen["h"][:, 5:], block.embed_tokens(window[:, :-1]))
+    first = seen["h"].clone()
+    block(window[:, :-1], torch.randn(1, 5, CFG.embed_dim), sigma)
+    torch.testing.assert_close(seen["h"], first, rtol=0, atol=0)
 
 
 def test_open_gates_make_the_plain_prenorm_layer():
@@ -171,7 +172,7 @@ def test_open_gates_make_the_plain_prenorm_layer():
 
 
 def test_readout_init_normal_starts_off_the_saddle():
-    paper = DenoiserBlock(PAPER, V, 1, 0.5)
+    paper = PaperBlock(PAPER, V, 1, 0.5)
     ours = DenoiserBlock(DBSCALE, V, 1, 0.5, E)
     assert paper.lm_head.weight.abs().sum() == 0 and paper.out_proj.weight.abs().sum() == 0
     assert ours.lm_head.weight.std().item() == pytest.approx(CFG.init_std, rel=0.1)
@@ -180,17 +181,69 @@ def test_readout_init_normal_starts_off_the_saddle():
 
 
 def test_dbscale_block_has_no_noisy_input_projection():
-    assert DenoiserBlock(DBSCALE, V, 1, 0.5, E).in_proj is None
-    assert DenoiserBlock(PAPER, V, 1, 0.5).in_proj is not None
+    assert not hasattr(DenoiserBlock(DBSCALE, V, 1, 0.5, E), "in_proj")
+    assert PaperBlock(PAPER, V, 1, 0.5).in_proj.weight.shape == (CFG.d_model, CFG.embed_dim)
 
 
 def test_design_switches_are_validated():
-    with pytest.raises(ConfigError, match=r"model.readout: 'bayes' is not one of \['edm', 'posterior'\]"):
-        config_from_dict({"model": {"readout": "bayes"}})
+    with pytest.raises(ConfigError, match=r"model.block: 'bayes' is not one of \['two_stream', 'stream', 'paper'\]"):
+        config_from_dict({"model": {"block": "bayes"}})
     with pytest.raises(ConfigError, match=r"diffusion.sample_estimate: 'mode'"):
         config_from_dict({"diffusion": {"sample_estimate": "mode"}})
-    with pytest.raises(ValueError, match="readout 'posterior' needs the"):
+    with pytest.raises(ValueError, match="the posterior readout needs the"):
         DenoiserBlock(DBSCALE, V, 1, 0.5, None)
+
+
+PAPER_SWITCHES = {"noisy_input": "z", "readout": "edm", "readout_init": "zero"}
+OLD_DEFAULTS = {"noisy_input": "token", "readout": "posterior", "readout_init": "normal", "adaln_gate_init": "zero"}
+
+
+def test_retired_switches_map_to_their_block(capsys):
+    """A config written with the retired block switches: the paper's combination is model.block 'paper',
+    dbscale's is its block unchanged, each with a note naming what to remove; a run's own record (every run
+    before the retirement writes all four) loads silently as the block it trained."""
+    cfg = config_from_dict({"model": dict(PAPER_SWITCHES)}, "old.yaml")
+    assert cfg.model.block == "paper"
+    note = capsys.readouterr().err
+    assert "old.yaml" in note and "model.noisy_input, model.readout, model.readout_init" in note
+    assert "model.block: paper" in note
+    assert config_from_dict({"model": {"block": "stream", "noisy_input": "token"}}).model.block == "stream"
+    assert "Remove model.noisy_input" in capsys.readouterr().err
+    for record, block in ((OLD_DEFAULTS, "two_stream"), ({**OLD_DEFAULTS, **PAPER_SWITCHES}, "paper")):
+        cfg = frozen_config_from_dict({"model": dict(record)}, "runs/old/config.yaml", sections=sections())
+        assert cfg.model.block == block
+        assert "noisy_input" not in cfg.to_dict()["model"]
+    assert capsys.readouterr().err == ""
+
+
+def test_a_run_directory_frozen_before_the_retirement_loads_as_it_trained():
+    """tests/assets/config_a98d625.yaml is configs/llama_tiny.yaml as the last version with the switches froze
+    it into a run: today's loader reads it as today's config of that recipe, every field equal."""
+    import yaml
+
+    root = Path(__file__).parent
+    record = yaml.safe_load((root / "assets/config_a98d625.yaml").read_text())
+    assert record["model"]["noisy_input"] == "token"  # the record holds the switches
+    old = frozen_config_from_dict(record, "config_a98d625.yaml", sections=sections())
+    today = config_from_dict(yaml.safe_load((root.parent / "configs/llama_tiny.yaml").read_text()))
+    assert old.to_dict() == today.to_dict()
+
+
+@pytest.mark.parametrize(
+    "model, field",
+    [
+        ({"noisy_input": "token+z"}, "noisy_input"),  # measured +17.6% context-only CE
+        ({"adaln_gate_init": "one"}, "adaln_gate_init"),
+        ({"noisy_input": "z"}, "noisy_input"),  # the paper's input with dbscale's readout
+        ({"block": "stream", **PAPER_SWITCHES}, "noisy_input"),
+        ({"block": "paper", "readout": "posterior"}, "readout"),
+    ],
+)
+def test_retired_switch_combinations_are_refused_with_the_fix(model, field):
+    with pytest.raises(ConfigError, match=rf"my.yaml: model.{field}: .* retired design switch.* Fix: remove "):
+        config_from_dict({"model": model}, "my.yaml")
+    with pytest.raises(ConfigError, match=r"runs/r/config.yaml: model\.\w+: .*git checkout a98d625"):
+        frozen_config_from_dict({"model": {**OLD_DEFAULTS, **model}}, "runs/r/config.yaml")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -16,11 +16,10 @@ from dbscale.cli import main
 MATRIX = {
     "llama-default": {},
     "llama-paper-block-uniform": {
-        "model": {"noisy_input": "z", "readout": "edm", "readout_init": "zero", "adaln_gate_init": "one"},
-        "diffusion": {"partition": "uniform", "loss_weighting": "edm"},
+        "model": {"block": "paper"},
+        "diffusion": {"partition": "uniform", "loss_weighting": "edm", "prior_loss": 0.0},
     },
-    "llama-token+z-ancestral-sample-unigram": {
-        "model": {"noisy_input": "token+z"},
+    "llama-ancestral-sample-unigram": {
         "diffusion": {"sample_estimate": "sample", "sample_step": "ancestral", "prior_loss": 0.0},
         "data": {"tokenizer_type": "unigram"},
     },

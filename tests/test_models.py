@@ -12,10 +12,18 @@ from dbscale.diffusion.noise import edm_precond
 from dbscale.families import config_from_dict
 from dbscale.generate import generate_ids
 from dbscale.models.layers import stream_attention_mask
-from dbscale.models.llama import DenoiserBlock, DiffusionBlocksLM, LlamaLM, denoiser_loss, frozen_target_embedding
+from dbscale.models.llama import (
+    DenoiserBlock,
+    DiffusionBlocksLM,
+    LlamaLM,
+    PaperBlock,
+    denoiser_block,
+    denoiser_loss,
+    frozen_target_embedding,
+)
 
 # the paper's denoiser block (noisy input z, EDM readout, zero-initialised readout); CFG is dbscale's default
-PAPER = dataclasses.replace(CFG, noisy_input="z", readout="edm", readout_init="zero")
+PAPER = dataclasses.replace(CFG, block="paper")
 TABLE = frozen_target_embedding(V, CFG.embed_dim, 0)
 
 
@@ -38,7 +46,7 @@ def test_mask_matches_brute_force_rule():
 def test_denoiser_causality_brute_force():
     """Changing clean token j never changes noisy logit i for j >= i-1... in window terms: the noisy
     position predicting x_i (i = 1..T) depends on x_0..x_{i-1} only, and on each of them."""
-    block = randomize(DenoiserBlock(PAPER, V, 2, 0.5))
+    block = randomize(PaperBlock(PAPER, V, 2, 0.5))
     T = 8
     g = torch.Generator().manual_seed(3)
     window = torch.randint(0, V, (1, T + 1), generator=g)
@@ -75,7 +83,7 @@ def test_baseline_is_causal():
 
 def test_fresh_block_returns_c_skip_times_z():
     torch.manual_seed(0)
-    block = DenoiserBlock(PAPER, V, 2, 0.5).eval()
+    block = PaperBlock(PAPER, V, 2, 0.5).eval()
     window = torch.randint(0, V, (3, 9))
     z = torch.randn(3, 8, CFG.embed_dim)
     sigma = torch.tensor([0.01, 0.5, 40.0])
@@ -87,7 +95,7 @@ def test_fresh_block_returns_c_skip_times_z():
 
 @pytest.mark.parametrize("design", [PAPER, CFG], ids=["paper", "dbscale"])
 def test_block_cached_forward_equals_full_forward(design):
-    block = randomize(DenoiserBlock(design, V, 2, 0.5, TABLE)).double()
+    block = randomize(denoiser_block(design, V, 2, 0.5, TABLE)).double()
     E = TABLE.double()
     block.target_table = E if block.target_table is not None else None
     T = 7
@@ -193,7 +201,7 @@ def test_teacher_forced_chain_equals_sequential_chain():
 
 
 def test_denoiser_loss_weighting():
-    block = randomize(DenoiserBlock(PAPER, V, 1, 0.5))
+    block = randomize(PaperBlock(PAPER, V, 1, 0.5))
     E = frozen_target_embedding(V, CFG.embed_dim, 0)
     window = torch.randint(0, V, (2, 6))
     sigma, noise = torch.tensor([0.05, 2.0]), torch.randn(2, 5, CFG.embed_dim)
@@ -270,7 +278,7 @@ def saved_activation_bytes(fn) -> int:
 def test_activation_checkpointing_same_gradients_less_saved_memory(kind):
     torch.manual_seed(0)
     design = PAPER if kind == "paper block" else CFG
-    model = LlamaLM(CFG, V) if kind == "e2e" else DenoiserBlock(design, V, 2, 0.5, TABLE)
+    model = LlamaLM(CFG, V) if kind == "e2e" else denoiser_block(design, V, 2, 0.5, TABLE)
     randomize(model).train()
     window = torch.randint(0, V, (2, 17))
     E = frozen_target_embedding(V, CFG.embed_dim, 0)
@@ -307,8 +315,8 @@ def test_initialisation_reproduces_earlier_runs(kind, weights_abs_sum, next_draw
     changed every block's training once)."""
     cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, ffn_multiple_of=32, seq_len=16)
     torch.manual_seed(0)
-    paper = dataclasses.replace(cfg, noisy_input="z", readout="edm", readout_init="zero")
-    model = LlamaLM(cfg, 97) if kind == "e2e" else DenoiserBlock(paper, 97, 1, 0.5)
+    paper = dataclasses.replace(cfg, block="paper")
+    model = LlamaLM(cfg, 97) if kind == "e2e" else PaperBlock(paper, 97, 1, 0.5)
     assert sum(p.double().abs().sum().item() for p in model.parameters()) == pytest.approx(weights_abs_sum, rel=1e-12)
     assert torch.rand(1).item() == next_draw
 

@@ -136,8 +136,8 @@ def test_stream_chain_cached_uncached_batched_and_teacher_forced_agree(design, e
 
 def test_config_refuses_what_the_stream_block_cannot_be():
     base = {"model": {"n_layers": 2, "d_model": 32, "n_heads": 2, "block": "stream"}, "diffusion": {"num_blocks": 2}}
-    with pytest.raises(ConfigError, match=r"model\.readout: 'edm' is a two-stream block's setting"):
-        config_from_dict({**base, "model": {**base["model"], "readout": "edm"}})
+    with pytest.raises(ConfigError, match=r"model\.head: 'target' is a two-stream block's setting"):
+        config_from_dict({**base, "model": {**base["model"], "head": "target"}})
     with pytest.raises(ConfigError, match=r"model\.time_conditioning: false makes the single-stream"):
         config_from_dict({**base, "model": {**base["model"], "block": "two_stream", "time_conditioning": False}})
     with pytest.raises(ConfigError, match=r"diffusion\.sigma_draw: 'position' needs the sigma-free block"):

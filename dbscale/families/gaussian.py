@@ -20,7 +20,7 @@ from dbscale.families.base import Family, Job, StepInfo, derive_seed
 class GaussianFamily(Family):
     space = "sigma"
     target_table = True
-    # Whether the blocks are dbscale's DenoiserBlock (or wrap it): then the model.readout decides whether they
+    # Whether the blocks are dbscale's AR blocks (or wrap them): then model.block decides whether they
     # have a separate prior that diffusion.prior_loss trains, and denoiser_loss asks them for its CE. A family
     # with blocks of its own keeps False (no prior term; its blocks' forward need not know `prior_ce`).
     denoiser_blocks = False

@@ -19,11 +19,11 @@ class HuginnFamily(GaussianFamily):
     def validate(self, cfg, fail) -> None:
         super().validate(cfg, fail)
         m, d = cfg.model, cfg.diffusion
-        if m.block != "two_stream":
+        if m.block == "stream":
             fail(
                 "model.block",
-                f"'{m.block}': the Huginn diffusion core is a two-stream block over its prelude's features (the "
-                "single-stream core is not built yet). Fix: remove model.block, or set it to two_stream.",
+                "'stream': the Huginn diffusion core is a two-stream block over its prelude's features (the "
+                "single-stream core is not built yet). Fix: remove model.block, or set it to two_stream (or paper).",
             )
         h = m.family_config
         parts = (h.prelude_layers, h.core_layers, h.coda_layers)

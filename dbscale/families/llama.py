@@ -51,25 +51,19 @@ class LlamaFamily(GaussianFamily):
         return LlamaLM(cfg.model, vocab_size), blocks
 
 
-# The two-stream block's design switches and the only value the single-stream block has for each (its noisy
-# target enters through the exact posterior readout alone, docs/METHOD.md 5c).
-STREAM_FIXED = {"noisy_input": "token", "readout": "posterior", "readout_init": "normal", "head": "learned"}
-
-
 def check_block_layout(m, fail) -> None:
-    """model.block against the switches that only one layout reads."""
+    """model.block against the settings that only one layout reads."""
     if m.block == "stream":
-        for key, value in STREAM_FIXED.items():
-            if getattr(m, key) != value:
-                fail(
-                    f"model.{key}",
-                    f"'{getattr(m, key)}' is a two-stream block's setting; the single-stream block (model.block: "
-                    f"stream) has {key} '{value}' only. Fix: remove model.{key}, or set model.block: two_stream.",
-                )
+        if m.head != "learned":
+            fail(
+                "model.head",
+                f"'{m.head}' is a two-stream block's setting; the single-stream block (model.block: stream) reads "
+                "its prior through its own learned V x d head. Fix: remove model.head, or set model.block: two_stream.",
+            )
     elif not m.time_conditioning:
         fail(
             "model.time_conditioning",
-            "false makes the single-stream block sigma-free; the two-stream block is always noise-conditioned. "
+            f"false makes the single-stream block sigma-free; the '{m.block}' block is always noise-conditioned. "
             "Fix: set model.block: stream, or remove model.time_conditioning.",
         )
 

@@ -33,7 +33,7 @@ from dbscale.models.layers import (
     run_layers,
     stream_attention_mask,
 )
-from dbscale.models.llama import DenoiserBlock, DiffusionBlocksLM
+from dbscale.models.llama import BLOCKS, DiffusionBlocksLM
 
 
 @dataclass
@@ -224,7 +224,7 @@ class HuginnDenoiser(nn.Module):
         self.prelude = _layers(cfg, own.prelude_layers)
         self.activation_checkpointing = False
         init_weights(self, cfg.init_std)  # (before the denoiser exists: its zero-inits stay)
-        self.denoiser = DenoiserBlock(
+        self.denoiser = BLOCKS[cfg.block](  # dbscale's two-stream block or the paper's
             cfg,
             vocab_size,
             own.core_layers + own.coda_layers,
@@ -258,7 +258,7 @@ class HuginnDenoiser(nn.Module):
         with_evidence: bool = True,
         follows=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As DenoiserBlock.forward; `clean` is token ids (the prelude runs) or the prelude's features."""
+        """As the two-stream blocks' forward; `clean` is token ids (the prelude runs) or the prelude's features."""
         self.denoiser.activation_checkpointing = self.activation_checkpointing
         features = clean if clean.is_floating_point() else self.context_features(clean, clean_pos)
         return self.denoiser(

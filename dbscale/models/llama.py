@@ -1,11 +1,14 @@
-"""The Llama family: the end-to-end AR baseline, the AR denoiser block, and the merged block chain.
+"""The Llama family: the end-to-end AR baseline, the AR denoiser blocks, and the merged block chain.
 
 Training windows hold seq_len + 1 tokens x_0..x_T. Both models learn p(x_i | x_<i) for i = 1..T:
 - `LlamaLM` (baseline): causal transformer over x_0..x_{T-1}, logits for x_1..x_T.
-- `DenoiserBlock` (docs/METHOD.md 7a): the clean stream x_0..x_{T-1} at positions 0..T-1 and the noisy stream
-  z_i = y_i + sigma*eps, y_i = E[x_i], at positions 1..T, concatenated [clean; noisy]. Noisy z_i sees
-  itself and clean x_j for j < i; clean never sees noisy. The readout at a noisy position is
-  D = c_skip*z + c_out*F, then an AdaLN-modulated norm and the head give logits for x_i.
+- the denoiser block of one slice of sigma, in one of three layouts (model.block, docs/METHOD.md 5b, 5c, 7a):
+  `DenoiserBlock` ('two_stream'): the clean stream x_0..x_{T-1} at positions 0..T-1 and one noisy row per
+  target at positions 1..T, concatenated [clean; noisy]; noisy row i sees itself and clean x_j for j < i,
+  reads the token it follows, and its logits are a prior plus the exact evidence <z_i, E_v> / sigma^2.
+  `StreamBlock` ('stream'): one causal pass over the clean tokens; row i-1 gives the prior for x_i, plus the
+  same evidence. `PaperBlock` ('paper'): the two-stream layout with the paper's noisy input in_proj(c_in z)
+  and EDM readout D = c_skip*z + c_out*F, then an AdaLN-modulated norm and the head.
 - `DiffusionBlocksLM`: the B merged blocks; per new token, one Euler step per block, each step with its
   own KV cache of the clean context (valid because a step is always taken at the same sigma).
 """
@@ -102,14 +105,15 @@ class LlamaLM(nn.Module):
 
 
 def block_reads_table(cfg: ModelConfig) -> bool:
-    """Whether a denoiser block needs the run's frozen target table at run time (beyond its noisy targets)."""
-    return cfg.block == "stream" or "target" in (cfg.head, cfg.context_embedding) or cfg.readout == "posterior"
+    """Whether a denoiser block needs the run's frozen target table at run time (beyond its noisy targets):
+    dbscale's blocks add the evidence of z from it; the paper's reads it only for a 'target' head or context."""
+    return cfg.block != "paper" or "target" in (cfg.head, cfg.context_embedding)
 
 
 def block_has_prior(cfg: ModelConfig) -> bool:
-    """Whether a denoiser block's logits split into a context-only prior plus the evidence of z (the posterior
-    readout; the single-stream block always), so that diffusion.prior_loss can train the prior on its own."""
-    return cfg.block == "stream" or cfg.readout == "posterior"
+    """Whether a denoiser block's logits split into a context-only prior plus the evidence of z (dbscale's
+    posterior readout; not the paper's EDM readout), so that diffusion.prior_loss can train the prior on its own."""
+    return cfg.block != "paper"
 
 
 def denoiser_block(
@@ -124,8 +128,7 @@ def denoiser_block(
     (diffusion.stack_context, a sigma-free single-stream block after the first)."""
     if stacked:
         return StreamBlock(cfg, vocab_size, n_layers, sigma_data, table, context_features=True)
-    cls = StreamBlock if cfg.block == "stream" else DenoiserBlock
-    return cls(cfg, vocab_size, n_layers, sigma_data, table)
+    return BLOCKS[cfg.block](cfg, vocab_size, n_layers, sigma_data, table)
 
 
 class _BlockInputs(nn.Module):
@@ -181,96 +184,45 @@ class _BlockInputs(nn.Module):
             self.ctx_proj = nn.Linear(cfg.embed_dim, cfg.d_model, bias=False)  # read from the frozen table
 
 
-class DenoiserBlock(_BlockInputs):
-    """One DiffusionBlocks block of the AR family: `n_layers` AdaLN layers plus its own context embedding,
-    time embedder, input projection, readout, final norm and head. Knows nothing about other blocks.
-
-    The design elements a config switches (model.noisy_input, readout, readout_init, adaln_gate_init) are
-    described in ModelConfig; the paper's block is noisy_input 'z', readout 'edm', both inits 'zero'.
-    The frozen target table (`target_embedding`) is required when the head, the context embedding or the
-    posterior readout read it; it is kept as a non-persistent buffer (it belongs to the run, not the block)."""
+class _TwoStreamBlock(_BlockInputs):
+    """The two-stream layout (docs/METHOD.md 7a): `n_layers` AdaLN layers over [clean; noisy] rows, the clean
+    stream x_0..x_{Tc-1} and one noisy row per target; a noisy row sees itself and the clean tokens before it,
+    a clean row never sees a noisy one. Then out_proj into the target space, an AdaLN-modulated final norm and
+    the head. What the noisy rows read and how their output becomes logits is the subclass's readout."""
 
     def __init__(
-        self,
-        cfg: ModelConfig,
-        vocab_size: int,
-        n_layers: int,
-        sigma_data: float,
-        target_embedding: torch.Tensor | None = None,
-        context_features: bool = False,
-        sandwich: bool = False,
+        self, cfg, vocab_size, n_layers, sigma_data, target_embedding, context_features, sandwich, reads, reads_z
     ):
         super().__init__()
         d, e = cfg.d_model, cfg.embed_dim
-        reads = "head/context 'target' or readout 'posterior'" if block_reads_table(cfg) else ""
         self._inputs(cfg, vocab_size, sigma_data, target_embedding, context_features, reads)
-        # c_in * z_sigma -> hidden (the paper's noisy input; absent with noisy_input 'token')
-        self.in_proj = nn.Linear(e, d, bias=False) if "z" in cfg.noisy_input else None
+        if reads_z:  # the paper's noisy input: c_in * z_sigma -> hidden
+            self.in_proj = nn.Linear(e, d, bias=False)
         self.time_embed = TimestepEmbedder(d, cfg.time_freq_dim)
         self.layers = nn.ModuleList(TransformerLayer(cfg, adaln=True, sandwich=sandwich) for _ in range(n_layers))
         self.out_proj = nn.Linear(d, e, bias=False)  # F: hidden -> target space
         self.norm = RMSNorm(e, cfg.norm_eps)
         self.final_adaLN = nn.Linear(d, 2 * e)
-        self.lm_head = Head(e, vocab_size, cfg.head)  # 'target' heads start at zero either way
+        self.lm_head = Head(e, vocab_size, cfg.head)  # 'target' heads start at zero
         self.activation_checkpointing = False
-        init_weights(self, cfg.init_std)
-        zero_init_adaln(self.layers, gate=1.0 if cfg.adaln_gate_init == "one" else 0.0)
-        zeros = [self.final_adaLN]  # the final modulation starts as the identity either way
-        if cfg.readout_init == "zero":  # the paper: a fresh block returns D = c_skip*z and a uniform prediction
-            zeros += [self.out_proj] + ([self.lm_head] if cfg.head == "learned" else [])
-        for zero in zeros:
+
+    def _init(self, zeros: list[nn.Module]) -> None:
+        """Normal init, adaLN-Zero gates, and the final modulation (and `zeros`) at zero."""
+        init_weights(self, self.cfg.init_std)
+        zero_init_adaln(self.layers)
+        for zero in [self.final_adaLN, *zeros]:  # the final modulation starts as the identity
             nn.init.zeros_(zero.weight)
             if getattr(zero, "bias", None) is not None:
                 nn.init.zeros_(zero.bias)
 
-    def forward(
-        self,
-        clean_tokens: torch.Tensor,
-        z: torch.Tensor,
-        sigma: torch.Tensor,
-        clean_pos: torch.Tensor | None = None,
-        noisy_pos: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        targets: torch.Tensor | None = None,
-        ce_chunk: int = 0,
-        prior_ce: bool = False,
-        with_evidence: bool = True,
-        follows: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """clean_tokens: (B, Tc) ids (or (B, Tc, d) features with context_features), z: (B, Tn, e) noisy
-        targets, sigma: (B,). prior_ce (posterior readout, with targets): the CE comes as (B, Tn, 2), the
-        posterior's and the prior's (head(norm(F)) alone, the context-only prediction), see Head.
-        with_evidence=False (posterior readout): the logits or CE of that prior alone, without <z, E_v> / sigma^2.
-        follows (Tn,): with noisy_input 'token', the index among this call's clean tokens of the token each noisy
-        position follows (default: the last Tn); a training step on a subset of positions passes it with noisy_pos.
-
-        Default positions are the training layout (clean 0..Tc-1, noisy 1..Tn): noisy position i follows the
-        clean token at i-1, which is the last Tn clean inputs of the call. With a cache, the clean tokens are
-        appended to it (noisy ones never are). Returns (D, logits): D (B, Tn, e) in fp32 is the EDM readout's
-        denoised estimate (None for the posterior readout: the sampler forms its estimate from the logits);
-        logits (B, Tn, V), or with targets (B, Tn) the per-token cross-entropy (B, Tn) in their place.
-        """
-        B, Tc = clean_tokens.shape[:2]
-        Tn = z.shape[1]
-        dev = z.device
+    def _noisy_hidden(self, context, noisy, clean_pos, noisy_pos, cache, mods) -> torch.Tensor:
+        """Run the layers over [context; noisy] ((B, Tc, d) and (B, Tn, d) inputs) and return the noisy rows'
+        last hidden states (B, Tn, d). With a cache, the clean rows are appended to it (noisy ones never are)."""
+        Tc, Tn, dev = context.shape[1], noisy.shape[1], noisy.device
         if clean_pos is None:
             clean_pos = torch.arange(Tc, device=dev)
         if noisy_pos is None:
             noisy_pos = torch.arange(1, Tn + 1, device=dev)
-        dtype = self.out_proj.weight.dtype
-        c_skip, c_out, c_in, c_noise = (c.view(B, 1, 1) for c in edm_precond(at_least_fp32(sigma), self.sigma_data))
-        mods, (shift, scale) = self.time_conditioning(c_noise.view(B), cache)
-
-        z = at_least_fp32(z)
-        context = self.embed_context(clean_tokens)
-        noisy = 0
-        if self.in_proj is not None:
-            noisy = self.in_proj((c_in * z).to(dtype))
-        if "token" in self.cfg.noisy_input:
-            if Tc < Tn:
-                raise ValueError(f"noisy_input '{self.cfg.noisy_input}': {Tn} noisy positions follow {Tc} clean tokens")
-            # the token each noisy position follows
-            noisy = noisy + (context[:, Tc - Tn :] if follows is None else context[:, follows])
         x = torch.cat([context, noisy], dim=1)
         new_pos = torch.cat([clean_pos, noisy_pos])
         new_clean = torch.cat(
@@ -286,18 +238,120 @@ class DenoiserBlock(_BlockInputs):
         h = run_layers(self.layers, x, cos, sin, mask, None, cache, Tc, self.activation_checkpointing, mods)
         if cache is not None and Tc:
             cache.positions = clean_pos if cache.positions is None else torch.cat([cache.positions, clean_pos])
+        return h[:, Tc:]
 
-        F_x = self.out_proj(h[:, Tc:])
-        if self.cfg.readout == "posterior":
-            # log p(v | context, z) = log p(v | context) + <z, E_v> / sigma^2 + const: the rows E_v have unit
-            # norm, so the Gaussian likelihood N(z; E_v, sigma^2 I) differs between tokens by that term alone.
-            sigma2 = at_least_fp32(sigma).view(B, 1, 1) ** 2
-            evidence = (z / sigma2, self.target_table) if with_evidence else None
-            h_out = modulate(self.norm(F_x), shift, scale)
-            return None, self.lm_head(h_out, targets, ce_chunk, self.target_table, evidence, prior_ce)
+
+class DenoiserBlock(_TwoStreamBlock):
+    """dbscale's two-stream AR block (model.block 'two_stream', docs/METHOD.md 5b): noisy row i reads the
+    context input of the token it follows, x_{i-1}, and z enters only through the posterior readout,
+    logits = head(norm(F)) + <z, E_v> / sigma^2 (the network gives the context's prior; the exact Gaussian
+    evidence of each target row E_v is added). Normal readout init: no saddle at the start. Knows nothing
+    about other blocks; the frozen target table is kept as a non-persistent buffer (it belongs to the run)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        n_layers: int,
+        sigma_data: float,
+        target_embedding: torch.Tensor | None = None,
+        context_features: bool = False,
+        sandwich: bool = False,
+    ):
+        super().__init__(
+            cfg, vocab_size, n_layers, sigma_data, target_embedding, context_features, sandwich,
+            "the posterior readout", reads_z=False,
+        )  # fmt: skip
+        self._init([])
+
+    def forward(
+        self,
+        clean_tokens: torch.Tensor,
+        z: torch.Tensor,
+        sigma: torch.Tensor,
+        clean_pos: torch.Tensor | None = None,
+        noisy_pos: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
+        ce_chunk: int = 0,
+        prior_ce: bool = False,
+        with_evidence: bool = True,
+        follows: torch.Tensor | None = None,
+    ) -> tuple[None, torch.Tensor]:
+        """clean_tokens: (B, Tc) ids (or (B, Tc, d) features with context_features), z: (B, Tn, e) noisy
+        targets, sigma: (B,). Default positions are the training layout (clean 0..Tc-1, noisy 1..Tn): noisy
+        position i follows clean token i-1, the last Tn clean inputs of the call; `follows` (Tn,) indexes them
+        otherwise (a step on a subset of positions passes it with noisy_pos). With a cache, the clean tokens
+        are appended to it. Returns (None, logits (B, Tn, V)), or with targets the per-token cross-entropy
+        (B, Tn) in the logits' place; prior_ce: (B, Tn, 2), the posterior's and the prior's (head(norm(F))
+        alone, the context-only prediction), see Head. with_evidence=False: the prior's logits or CE alone.
+        """
+        B, Tc = clean_tokens.shape[:2]
+        Tn = z.shape[1]
+        if Tc < Tn:
+            raise ValueError(f"{Tn} noisy positions follow {Tc} clean tokens")
+        c_noise = edm_precond(at_least_fp32(sigma), self.sigma_data)[3]
+        mods, (shift, scale) = self.time_conditioning(c_noise.view(B), cache)
+        context = self.embed_context(clean_tokens)
+        noisy = context[:, Tc - Tn :] if follows is None else context[:, follows]  # the token each one follows
+        h = self._noisy_hidden(context, noisy, clean_pos, noisy_pos, cache, mods)
+        # log p(v | context, z) = log p(v | context) + <z, E_v> / sigma^2 + const: the rows E_v have unit
+        # norm, so the Gaussian likelihood N(z; E_v, sigma^2 I) differs between tokens by that term alone.
+        z = at_least_fp32(z)
+        evidence = (z / at_least_fp32(sigma).view(B, 1, 1) ** 2, self.target_table) if with_evidence else None
+        h_out = modulate(self.norm(self.out_proj(h)), shift, scale)
+        return None, self.lm_head(h_out, targets, ce_chunk, self.target_table, evidence, prior_ce)
+
+
+class PaperBlock(_TwoStreamBlock):
+    """The paper's AR block (model.block 'paper'; DiffusionBlocks' public code): the noisy stream reads
+    in_proj(c_in * z) only, the readout is EDM's D = c_skip*z + c_out*F (Eq. 7) through the modulated norm
+    and the head, and out_proj and the head start at zero (a fresh block returns c_skip*z and a uniform
+    prediction). Kept beside dbscale's block so the two can be compared (bench/denoiser_learning.py)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        n_layers: int,
+        sigma_data: float,
+        target_embedding: torch.Tensor | None = None,
+        context_features: bool = False,
+        sandwich: bool = False,
+    ):
+        reads = "head/context 'target'" if block_reads_table(cfg) else ""
+        super().__init__(
+            cfg, vocab_size, n_layers, sigma_data, target_embedding, context_features, sandwich, reads, reads_z=True
+        )
+        self._init([self.out_proj] + ([self.lm_head] if cfg.head == "learned" else []))
+
+    def forward(
+        self,
+        clean_tokens: torch.Tensor,
+        z: torch.Tensor,
+        sigma: torch.Tensor,
+        clean_pos: torch.Tensor | None = None,
+        noisy_pos: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
+        ce_chunk: int = 0,
+        prior_ce: bool = False,
+        with_evidence: bool = True,
+        follows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As DenoiserBlock.forward (`follows` is not read: no noisy row reads a clean token). Returns
+        (D, logits): D (B, Tn, e) in fp32 is the denoised estimate, logits (B, Tn, V) or the CE (B, Tn)."""
         if prior_ce or not with_evidence:
-            raise ValueError("the 'edm' readout has no separate prior (only readout 'posterior' has one)")
-        D = c_skip * z + c_out * at_least_fp32(F_x)  # EDM Eq. 7
+            raise ValueError("the paper's block (EDM readout) has no separate prior; dbscale's blocks have one")
+        B = clean_tokens.shape[0]
+        c_skip, c_out, c_in, c_noise = (c.view(B, 1, 1) for c in edm_precond(at_least_fp32(sigma), self.sigma_data))
+        mods, (shift, scale) = self.time_conditioning(c_noise.view(B), cache)
+        z = at_least_fp32(z)
+        dtype = self.out_proj.weight.dtype
+        h = self._noisy_hidden(
+            self.embed_context(clean_tokens), self.in_proj((c_in * z).to(dtype)), clean_pos, noisy_pos, cache, mods
+        )
+        D = c_skip * z + c_out * at_least_fp32(self.out_proj(h))  # EDM Eq. 7
         h_out = modulate(self.norm(D.to(dtype)), shift, scale)
         return D, self.lm_head(h_out, targets, ce_chunk, self.target_table)
 
@@ -340,7 +394,7 @@ class StreamBlock(_BlockInputs):
         self.activation_checkpointing = False
         init_weights(self, cfg.init_std)
         if adaln:
-            zero_init_adaln(self.layers, gate=1.0 if cfg.adaln_gate_init == "one" else 0.0)
+            zero_init_adaln(self.layers)
             nn.init.zeros_(self.final_adaLN.weight)  # the final modulation starts as the identity
             nn.init.zeros_(self.final_adaLN.bias)
 
@@ -458,6 +512,10 @@ class StreamBlock(_BlockInputs):
         if evidence_at is not None:  # (B, k) flattened, ascending: sequence b's positions at b * Tn + p
             rows = (torch.arange(z.shape[0], device=z.device)[:, None] * Tn + evidence_at.to(z.device)).reshape(-1)
         return None, self.lm_head(h, targets, ce_chunk, None, evidence, prior_ce, rows)
+
+
+# model.block -> the class of that layout
+BLOCKS = {"two_stream": DenoiserBlock, "stream": StreamBlock, "paper": PaperBlock}
 
 
 def lm_loss(model: nn.Module, window: torch.Tensor, ce_chunk: int = 0) -> torch.Tensor:
