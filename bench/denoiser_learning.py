@@ -11,7 +11,7 @@ clipping, micro-batch) for the same number of steps, drawing the same windows as
             readout, EDM loss weight, no prior term)
   dbscale   dbscale's two-stream block (noisy rows read the token they follow, posterior readout, prior term)
   stream, stream_free  the single-stream block, noise-conditioned and sigma-free
-  <variant>:<field>=<value>  one diffusion field changed (loss_weighting, prior_loss)
+  <variant>:<field>=<value>  one diffusion field changed (loss_weighting, prior_loss, sigma_draw)
 A block is trained on its own widened sigma slice with the run's log-normal draw. Measured on fixed held-out
 windows (--eval-windows x seq_len positions): the block fed z = sigma_max * eps, where it must predict from the
 context alone (cross-entropy and accuracy, against steps), and its cross-entropy over its own slice (one fixed
@@ -41,13 +41,14 @@ from dbscale import families  # noqa: E402
 # variant -> the block (model fields) and the loss it trains with (diffusion fields). The design switches
 # these blocks once were combinations of (noisy_input, readout, readout_init, adaln_gate_init) were retired after
 # their ablations (docs/results/ar_chain.md keeps that table; it was measured at commit a98d625 or earlier).
+_LOSS = {"loss_weighting": "none", "prior_loss": 1.0, "sigma_draw": "sequence"}  # dbscale's
 BLOCK_VARIANTS = {
-    "paper": {"block": "paper", "time_conditioning": True, "loss_weighting": "edm", "prior_loss": 0.0},
-    "dbscale": {"block": "two_stream", "time_conditioning": True, "loss_weighting": "none", "prior_loss": 1.0},
-    "stream": {"block": "stream", "time_conditioning": True, "loss_weighting": "none", "prior_loss": 1.0},
-    "stream_free": {"block": "stream", "time_conditioning": False, "loss_weighting": "none", "prior_loss": 1.0},
+    "paper": {"block": "paper", "time_conditioning": True, **_LOSS, "loss_weighting": "edm", "prior_loss": 0.0},
+    "dbscale": {"block": "two_stream", "time_conditioning": True, **_LOSS},
+    "stream": {"block": "stream", "time_conditioning": True, **_LOSS},
+    "stream_free": {"block": "stream", "time_conditioning": False, **_LOSS},
 }
-DIFFUSION_SWITCHES = ("loss_weighting", "prior_loss")
+DIFFUSION_SWITCHES = ("loss_weighting", "prior_loss", "sigma_draw")
 
 
 def variant_settings(name: str) -> dict | None:
@@ -66,6 +67,8 @@ def variant_settings(name: str) -> dict | None:
         settings[key] = float(value) if key == "prior_loss" else value
     if settings["prior_loss"] > 0 and settings["block"] == "paper":
         raise ValueError(f"variant '{name}': prior_loss needs a block with a prior (the paper's EDM readout has none)")
+    if settings["sigma_draw"] == "position" and (settings["block"] != "stream" or settings["time_conditioning"]):
+        raise ValueError(f"variant '{name}': sigma_draw=position needs the sigma-free block (stream_free)")
     return settings
 
 
@@ -134,7 +137,7 @@ def train_job(run, name: str, block: int, steps: int, seed: int, eval_every: int
     train = run.shards("train")
     d = cfg.diffusion
     length = cfg.model.seq_len + 1
-    curve, t0 = [], time.time()
+    curve, losses, t0 = [], [], time.time()
     for step in range(steps):
         rng = np.random.default_rng(_seed(seed, step, 0, 0, 1))  # the block jobs' data stream
         window = torch.from_numpy(train.random_windows(rng, t.micro_batch, length))
@@ -142,10 +145,13 @@ def train_job(run, name: str, block: int, steps: int, seed: int, eval_every: int
             loss = lm_loss(model, window)
         else:
             g = torch.Generator().manual_seed(_seed(seed, block + 1, step, 0, 0, 2))
-            sigma = sample_truncated_lognormal(len(window), *interval, d.P_mean, d.P_std, generator=g).float()
+            draws = len(window) * ((length - 1) if settings["sigma_draw"] == "position" else 1)
+            sigma = sample_truncated_lognormal(draws, *interval, d.P_mean, d.P_std, generator=g).float()
+            sigma = sigma.view(len(window), -1).squeeze(1)  # (B,) or (B, T)
             noise = torch.randn(len(window), length - 1, E.shape[1], generator=g)
             weighting, prior = settings["loss_weighting"], settings["prior_loss"]
             loss, _ = denoiser_loss(model, window, E, sigma, noise, weighting, d.sigma_data, 0, prior)
+        losses.append(loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip:
@@ -167,9 +173,17 @@ def train_job(run, name: str, block: int, steps: int, seed: int, eval_every: int
         "settings": settings,
         "parameters": sum(p.numel() for p in model.parameters()),
         "curve": curve,
-        "final": curve[-1],
+        "final": {**curve[-1], "loss_noise": loss_noise(losses)},
+        "losses": [round(x, 5) for x in losses],
         "seconds": round(time.time() - t0, 1),
     }
+
+
+def loss_noise(losses: list[float]) -> float:
+    """The step-to-step noise of the training loss over the second half of training: the std of consecutive
+    differences / sqrt(2) (the std of one step's loss about a slowly moving mean, trend removed)."""
+    tail = np.asarray(losses[len(losses) // 2 :])
+    return float(np.diff(tail).std() / np.sqrt(2)) if len(tail) > 2 else float("nan")
 
 
 def summarise(jobs: list[dict]) -> list[dict]:
@@ -179,7 +193,7 @@ def summarise(jobs: list[dict]) -> list[dict]:
     rows = []
     for name, runs in by_variant.items():
         row = {"variant": name, "seeds": len(runs), "settings": runs[0]["settings"]}
-        for key in ("ce", "accuracy", "slice_ce"):
+        for key in ("ce", "accuracy", "slice_ce", "loss_noise"):
             values = [r["final"][key] for r in runs if key in r["final"]]
             if values:
                 row[key] = statistics.mean(values)
@@ -194,15 +208,20 @@ def summarise(jobs: list[dict]) -> list[dict]:
 
 def print_table(summary: list[dict], block: int, steps: int) -> None:
     print(f"\nblock {block}, {steps} steps; context-only = fed z = sigma_max * eps (a plain LM: its own CE)")
-    head = f"{'variant':18} {'seeds':>5} {'context-only CE':>17} {'vs LM':>7} {'accuracy':>9} {'own-slice CE':>13}"
+    head = (
+        f"{'variant':18} {'seeds':>5} {'context-only CE':>17} {'vs LM':>7} {'accuracy':>9} {'own-slice CE':>13} "
+        f"{'loss noise':>10}"
+    )
     print(head)
     print("-" * len(head))
     for r in summary:
         spread = f" +-{r['ce_spread']:.3f}" if r["seeds"] > 1 else ""
         vs = f"{100 * r['ce_vs_lm']:+.1f}%" if "ce_vs_lm" in r else "-"
         slice_ce = f"{r['slice_ce']:.3f}" if "slice_ce" in r else "-"
+        noise = f"{r['loss_noise']:.4f}" if "loss_noise" in r else "-"
         print(
-            f"{r['variant']:18} {r['seeds']:>5} {r['ce']:>9.3f}{spread:>8} {vs:>7} {r['accuracy']:>9.3f} {slice_ce:>13}"
+            f"{r['variant']:18} {r['seeds']:>5} {r['ce']:>9.3f}{spread:>8} {vs:>7} {r['accuracy']:>9.3f} "
+            f"{slice_ce:>13} {noise:>10}"
         )
 
 

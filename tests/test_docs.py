@@ -1,6 +1,7 @@
 """The documentation a user reads: the README stays a front page, and every relative link in it and in docs/
 resolves to a file of the repository."""
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -65,6 +66,31 @@ def test_generated_tables_match_their_json(bench, result):
     table = doc.split(module.TABLE_BEGIN, 1)[1].split(module.TABLE_END, 1)[0].strip()
     assert table == module.markdown_table(results), f"stale: run python bench/{bench}.py --render"
     assert table.count("|") > 20  # a table with the JSON's rows, not an empty block
+
+
+def test_templated_tables_match_their_json():
+    """Every table bench/tables/ renders from bench/results/ equals the one its document holds."""
+    tables = bench_module("tables")
+    assert len(tables.names()) >= 3
+    for name in tables.names():
+        assert tables.held(name) == tables.render_template(name), f"stale table {name}: run python bench/tables.py"
+
+
+def test_table_placeholders_read_paths_selectors_and_formats(tmp_path, monkeypatch):
+    tables = bench_module("tables")
+    data = {"rows": [{"shape": "a", "x": 1.0, "v": 2.0}, {"shape": "b", "x": 0.5, "v": 3.14159}]}
+    data["summary"] = {"m": {"mean": 1.23456, "spread": 0.0449}, "bytes": 3 * 2**20}
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    (tmp_path / "t.md").write_text(
+        "doc: x.md\n| {{ r.json : rows[shape=b,x=0.5].v : .2f }} | {{ r.json : rows.0.v }} | "
+        "{{ r.json : summary.m : pm2 }} | {{ r.json : summary.bytes : mib }} |\n"
+    )
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    monkeypatch.setattr(tables, "TEMPLATES", tmp_path)
+    assert tables.render_template("t") == "| 3.14 | 2.0 | 1.23 +- 0.04 | 3 |"
+    (tmp_path / "t.md").write_text("doc: x.md\n{{ r.json : rows[shape=c].v }}\n")
+    with pytest.raises(KeyError, match=r"t.md: r.json: no element of 'rows' with \{'shape': 'c'\}"):
+        tables.render_template("t")
 
 
 def test_every_result_records_command_device_date_and_commit():
