@@ -73,12 +73,12 @@ class ModelConfig:
 
     block: Literal["two_stream", "stream", "paper"] = _field(
         "two_stream",
-        "AR denoiser block layout (llama; huginn: two_stream or paper), docs/METHOD.md 5b-5c: 'two_stream' (the "
-        "clean copy of the sequence and one noisy row per target side by side, 2T rows per layer; a noisy row "
-        "reads the token it follows and z enters only through the posterior readout, logits = head(norm(F)) + "
-        "<z, E_v> / sigma^2: dbscale's block), 'stream' (one pass over the clean tokens like an LM; row i-1's "
-        "output through the norm and head is the prior for x_i, plus the same evidence: half the layer rows, "
-        "activations and KV cache; with model.time_conditioning false it is sigma-free, and the sampler runs "
+        "AR denoiser block layout (llama; huginn's diffusion core over its prelude), docs/METHOD.md 5b-5c: "
+        "'two_stream' (the clean copy of the sequence and one noisy row per target side by side, 2T rows per layer;"
+        " a noisy row reads the token it follows and z enters only through the posterior readout, logits = "
+        "head(norm(F)) + <z, E_v> / sigma^2: dbscale's block), 'stream' (one pass over the clean tokens like an LM;"
+        " row i-1's output through the norm and head is the prior for x_i, plus the same evidence: half the layer "
+        "rows, activations and KV cache; with model.time_conditioning false it is sigma-free, and the sampler runs "
         "its layers once per token) or 'paper' (the paper's block: the two-stream layout whose noisy rows read "
         "in_proj(c_in * z), EDM readout D = c_skip*z + c_out*F, readout initialised at zero; pair it with "
         "diffusion.loss_weighting edm and prior_loss 0). Runs prepared before the field keep 'two_stream'.",
@@ -218,9 +218,9 @@ class DiffusionConfig:
     )
     sample_top_k: int | None = _field(
         None,
-        "Llama chain of sigma-free blocks (model.block stream, model.time_conditioning false): generate over the "
-        "union of the blocks' k most likely prior tokens, so each sampler step's evidence and clean estimate read "
-        "B*k rows of the target table instead of V (tokens outside get no probability); null = every token "
+        "A chain of sigma-free blocks (llama or huginn; model.block stream, time_conditioning false): generate over"
+        " the union of the blocks' k most likely prior tokens, so each sampler step's evidence and clean estimate "
+        "read B*k rows of the target table instead of V (tokens outside get no probability); null = every token "
         "(exact). `--sample-top-k` of generate / evaluate overrides it on a merged chain.",
     )
     sample_estimate: Literal["mean", "argmax", "sample"] = _field(

@@ -56,6 +56,13 @@ MATRIX = {
         },
         "diffusion": {"num_blocks": 1, "sample_steps": 3, "gamma": 0.0},
     },
+    "huginn-stream-sigma-free-two-cores": {
+        "model": {"family": "huginn", "n_layers": 4, "block": "stream", "time_conditioning": False},
+        "model_extra": {
+            "huginn": {"prelude_layers": 1, "core_layers": 2, "coda_layers": 1, "mean_recurrence": 2, "bptt_steps": 1}
+        },
+        "diffusion": {"num_blocks": 2, "sample_steps": 4, "sigma_draw": "position", "noisy_fraction": 0.5},
+    },
 }
 
 

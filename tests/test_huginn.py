@@ -172,3 +172,41 @@ def test_huginn_run_trains_both_merges_generates_and_refuses_the_wrong_family(tm
     assert isinstance(model, HuginnDiffusionLM) and model.step_blocks == [0, 0, 1, 1]
     with pytest.raises(RunError, match="a merged 'huginn' model, but a 'llama' model is needed"):
         load_merged(r / "merged", family="llama")
+
+
+@pytest.mark.parametrize("sigma_free", [False, True], ids=["noise-conditioned", "sigma-free"])
+def test_single_stream_core_chain_teacher_forced_equals_cached_generation(sigma_free):
+    """model.block stream for the Huginn core: core + coda run once over the prelude's features. Token-by-token
+    generation with caches (one per step, or one per block for a sigma-free core) and the batched teacher-forced
+    chain are two implementations of the same chain."""
+    cfg = huginn_cfg(block="stream", time_conditioning=not sigma_free)
+    chain = normal_init(HuginnDiffusionLM(cfg, V, frozen_target_embedding(V, 32, 0))).eval()
+    assert chain.sigma_free == sigma_free
+    assert len(chain.new_cache()) == (1 if sigma_free else len(chain.sigmas))
+    window = torch.randint(0, V, (1, 9), generator=torch.Generator().manual_seed(2))
+    batched = chain.teacher_forced_logits(window, seed=0)
+    cache = chain.new_cache()
+    for i in range(8):
+        logits = chain.next_token_logits(cache, window[:, i : i + 1], seed=0)
+        torch.testing.assert_close(logits[0], batched[0, i], rtol=1e-4, atol=1e-2)
+        assert logits[0].argmax() == batched[0, i].argmax()
+
+
+def test_sigma_free_core_logits_are_its_prior_plus_the_evidence_at_every_sigma():
+    """A sigma-free single-stream core: logits(context, z, sigma) - <z, E_v> / sigma^2 is one prior, the same at
+    every sigma, and it is the core's own head over the prelude -> core -> coda states of the clean tokens."""
+    cfg = huginn_cfg(block="stream", time_conditioning=False)
+    table = frozen_target_embedding(V, 32, 0).double()
+    block = normal_init(HuginnDenoiser(cfg.model, V, 0.5, table)).double().eval()  # fp64: evidence at 1e4
+    window = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(5))
+    z = torch.randn(2, 8, 32, dtype=torch.float64)
+    priors = []
+    for s in (0.01, 0.7, 30.0):
+        sigma = torch.full((2,), s, dtype=torch.float64)
+        _, logits = block(window[:, :-1], z, sigma)
+        priors.append(logits - (z / s**2) @ table.T)
+    for prior in priors[1:]:
+        torch.testing.assert_close(prior, priors[0], rtol=1e-7, atol=1e-7)
+    with torch.no_grad():
+        by_hand = block.lm_head(block.hidden(window[:, :-1]))
+    torch.testing.assert_close(priors[1], by_hand, rtol=1e-7, atol=1e-7)

@@ -30,18 +30,14 @@ class GaussianFamily(Family):
         if d.t_boundaries is not None:
             fail("diffusion.t_boundaries", "is read by the masked family only; remove it.")
         m = cfg.model
-        if d.sigma_draw == "position" and not (
-            self.name == "llama" and m.block == "stream" and not m.time_conditioning
-        ):
+        if d.sigma_draw == "position" and not (m.block == "stream" and not m.time_conditioning):
             fail(
                 "diffusion.sigma_draw",
                 "'position' needs the sigma-free block (model.block: stream, model.time_conditioning: false), whose "
                 "layers never read sigma; a noise-conditioned block sees one sigma per sequence. Fix: sigma_draw: "
                 "sequence, or switch to the sigma-free block.",
             )
-        if d.sample_top_k is not None and not (
-            self.name == "llama" and m.block == "stream" and not m.time_conditioning
-        ):
+        if d.sample_top_k is not None and not (m.block == "stream" and not m.time_conditioning):
             fail(
                 "diffusion.sample_top_k",
                 "restricts the sampler to the blocks' top-k prior tokens, which needs the sigma-free block "
@@ -115,7 +111,7 @@ class GaussianFamily(Family):
         if table.device != window.device:
             table = job.extras["table"] = table.to(window.device)
         prior = d.prior_loss if self.denoiser_blocks and block_has_prior(job.cfg.model) else 0.0
-        everywhere = job.cfg.model.block == "stream" and self.name == "llama"
+        everywhere = job.cfg.model.block == "stream"  # its prior costs no extra layer rows: train it everywhere
         return denoiser_loss(
             model, window, table, sigma, noise, d.loss_weighting, d.sigma_data, ce_chunk, prior, positions, everywhere
         )

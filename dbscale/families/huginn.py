@@ -8,6 +8,7 @@ import torch
 
 from dbscale.families.base import Job, StepInfo, derive_seed
 from dbscale.families.gaussian import GaussianFamily
+from dbscale.families.llama import check_block_layout
 from dbscale.models.huginn import HuginnConfig
 
 
@@ -19,12 +20,7 @@ class HuginnFamily(GaussianFamily):
     def validate(self, cfg, fail) -> None:
         super().validate(cfg, fail)
         m, d = cfg.model, cfg.diffusion
-        if m.block == "stream":
-            fail(
-                "model.block",
-                "'stream': the Huginn diffusion core is a two-stream block over its prelude's features (the "
-                "single-stream core is not built yet). Fix: remove model.block, or set it to two_stream (or paper).",
-            )
+        check_block_layout(m, fail)
         h = m.family_config
         parts = (h.prelude_layers, h.core_layers, h.coda_layers)
         if min(parts) < 1 or sum(parts) != m.n_layers:

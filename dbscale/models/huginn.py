@@ -7,9 +7,10 @@
   activation memory grows with k. Inference uses a chosen number of iterations, one KV cache per iteration.
 - `HuginnDenoiser` (one DiffusionBlocks block): the recurrent state is the noisy target embedding z_sigma and
   the core is one sigma-conditioned denoiser. The prelude reads the clean context once; core + coda form an
-  AR denoiser block (AdaLN on sigma, EDM preconditioning, the concatenated clean/noisy stream, weighted CE)
-  that takes the prelude's features as its clean stream. Training runs ONE core pass at a random sigma per
-  step: no BPTT, memory independent of K. Inference: K Euler steps of the core, each with its own KV cache.
+  AR denoiser block of model.block's layout (dbscale's two-stream block by default; the single-stream one,
+  noise-conditioned or sigma-free; the paper's) that takes the prelude's features as its clean stream.
+  Training runs ONE core pass at a random sigma per step: no BPTT, memory independent of K. Inference: K
+  Euler steps of the core, each with its own KV cache; a sigma-free core runs once per token (one cache).
 - `HuginnDiffusionLM`: the merged model (B = 1 by default; B > 1 splits the sigma range among cores).
 """
 
@@ -33,7 +34,7 @@ from dbscale.models.layers import (
     run_layers,
     stream_attention_mask,
 )
-from dbscale.models.llama import BLOCKS, DiffusionBlocksLM
+from dbscale.models.llama import BLOCKS, DiffusionBlocksLM, StreamBlock
 
 
 @dataclass
@@ -224,7 +225,7 @@ class HuginnDenoiser(nn.Module):
         self.prelude = _layers(cfg, own.prelude_layers)
         self.activation_checkpointing = False
         init_weights(self, cfg.init_std)  # (before the denoiser exists: its zero-inits stay)
-        self.denoiser = BLOCKS[cfg.block](  # dbscale's two-stream block or the paper's
+        self.denoiser = BLOCKS[cfg.block](  # model.block: dbscale's two-stream or single-stream block, or the paper's
             cfg,
             vocab_size,
             own.core_layers + own.coda_layers,
@@ -237,6 +238,25 @@ class HuginnDenoiser(nn.Module):
     @property
     def target_table(self):
         return self.denoiser.target_table
+
+    @property
+    def sigma_free(self) -> bool:
+        """A sigma-free single-stream core (model.block stream, time_conditioning false): its prior over the
+        prelude's features is the same at every sigma, so the chain runs core and coda once per token."""
+        return isinstance(self.denoiser, StreamBlock) and self.denoiser.sigma_free
+
+    @property
+    def lm_head(self):
+        return self.denoiser.lm_head
+
+    def hidden(self, clean, sigma=None, positions=None, cache: KVCache | None = None) -> torch.Tensor:
+        """A single-stream core's normed last states over the clean context (ids: the prelude runs first)."""
+        self.denoiser.activation_checkpointing = self.activation_checkpointing
+        features = clean if clean.is_floating_point() else self.context_features(clean, positions)
+        return self.denoiser.hidden(features, sigma, positions, cache)
+
+    def posterior_logits(self, prior: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.denoiser.posterior_logits(prior, z, sigma)
 
     def context_features(self, tokens: torch.Tensor, positions=None, cache: KVCache | None = None) -> torch.Tensor:
         if positions is None:
@@ -257,13 +277,16 @@ class HuginnDenoiser(nn.Module):
         prior_ce: bool = False,
         with_evidence: bool = True,
         follows=None,
+        **stream,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As the two-stream blocks' forward; `clean` is token ids (the prelude runs) or the prelude's features."""
+        """As the AR blocks' forward; `clean` is token ids (the prelude runs) or the prelude's features.
+        stream: a single-stream core's keywords (evidence_at)."""
         self.denoiser.activation_checkpointing = self.activation_checkpointing
         features = clean if clean.is_floating_point() else self.context_features(clean, clean_pos)
         return self.denoiser(
-            features, z, sigma, clean_pos, noisy_pos, cache, targets, ce_chunk, prior_ce, with_evidence, follows
-        )
+            features, z, sigma, clean_pos, noisy_pos, cache, targets, ce_chunk, prior_ce, with_evidence, follows,
+            **stream,
+        )  # fmt: skip
 
 
 class _StepCaches(list):
@@ -285,7 +308,8 @@ class HuginnDiffusionLM(DiffusionBlocksLM):
         return self.cfg.diffusion.sample_steps or DEFAULT_EULER_STEPS
 
     def new_cache(self) -> _StepCaches:
-        caches = _StepCaches(KVCache() for _ in self.sigmas)
+        # one per step (each at its fixed sigma), or one per block for sigma-free cores
+        caches = _StepCaches(KVCache() for _ in (self.blocks if self.sigma_free else self.sigmas))
         caches.prelude = [KVCache() for _ in self.blocks]
         return caches
 
