@@ -152,6 +152,9 @@ def measure_job(spec: dict) -> dict:
     model_keys = {k: level[k] for k in ("head", "context_embedding") if k in level}
     model_keys.update(spec.get("model", {}))  # e.g. {"target_dim": 128}: a block's target space narrower than d
     V, T = shape["vocab"], shape["seq_len"]
+    from dbscale.train.host_memory import set_mmap_threshold
+
+    set_mmap_threshold(spec.get("host_mmap_threshold", 65536))  # as the trainer does (train.host_mmap_threshold)
     _warm_up_runtime(device)  # load kernels and thread pools first: they are the runtime's memory, not the job's
     torch.manual_seed(0)
     rss0 = rss_bytes()

@@ -53,6 +53,12 @@ def main() -> int:
         help="the blocks' model.block ('stream': the single-stream block, docs/METHOD.md 5c)",
     )
     p.add_argument("--sigma-free", action="store_true", help="with --block stream: model.time_conditioning false")
+    p.add_argument(
+        "--host-mmap-threshold",
+        type=int,
+        default=65536,
+        help="train.host_mmap_threshold of every job (bytes; 0 = glibc's default malloc, as before the field)",
+    )
     args = parse_or_measure(p, measure_job)
     if args is None:
         return 0
@@ -79,6 +85,7 @@ def main() -> int:
     suffix += (f"_{args.block}" if args.block and args.block != "two_stream" else "") + (
         "_sigma_free" if args.sigma_free else ""
     )
+    suffix += f"_mmap{args.host_mmap_threshold // 1024}k" if args.host_mmap_threshold else ""  # (0: the files before)
     name = f"memory_{args.family}_{shape}{suffix}.json"
     # Resumable: rows already measured at this shape and micro-batch are kept (a full-shape run is long on CPU).
     done = {}
@@ -99,6 +106,7 @@ def main() -> int:
                 "context_embedding": args.context_embedding,
                 "block": args.block or "two_stream",
                 "sigma_free": args.sigma_free,
+                "host_mmap_threshold": args.host_mmap_threshold,
                 "levels": LEVELS,
                 "rows": rows,
             },
@@ -110,6 +118,7 @@ def main() -> int:
                 continue
             spec = {"shape": shape, "B": B, "level": level, "micro_batch": args.micro_batch, "steps": args.steps}
             spec["family"] = args.family
+            spec["host_mmap_threshold"] = args.host_mmap_threshold
             spec["model"] = model_keys
             r = run_worker(__file__, spec)
             done[(B, level)] = r

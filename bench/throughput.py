@@ -53,6 +53,12 @@ def main() -> int:
     p.add_argument("--block", default="two_stream", choices=["two_stream", "stream"], help="the blocks' model.block")
     p.add_argument("--sigma-free", action="store_true", help="with --block stream: model.time_conditioning false")
     p.add_argument(
+        "--host-mmap-threshold",
+        type=int,
+        default=65536,
+        help="train.host_mmap_threshold of every job (bytes; 0 = glibc's default malloc, as before the field)",
+    )
+    p.add_argument(
         "--out", help="file name in bench/results/ (default: throughput_<shape>[_noisy<f>][_prior<w>][_e<dim>].json)"
     )
     args = parse_or_measure(p, measure_job)
@@ -62,6 +68,7 @@ def main() -> int:
         p.error("--steps must be >= 2 (the first step is not timed)")
     shape = "quick" if args.quick else "full"
     base = {"shape": shape, "micro_batch": args.micro_batch, "steps": args.steps}
+    base["host_mmap_threshold"] = args.host_mmap_threshold
     # The end-to-end job takes the same switches where they apply to it (the target-table ones do not).
     e2e_level = args.level if args.level in E2E_LEVELS else E2E_LEVELS[-1]
     e2e = run_worker(__file__, {**base, "B": 1, "level": e2e_level})
@@ -110,6 +117,7 @@ def main() -> int:
     suffix += "" if args.prior_loss == 1 else f"_prior{args.prior_loss:g}"
     suffix += f"_e{args.target_dim}" if args.target_dim else ""
     suffix += ("" if args.block == "two_stream" else f"_{args.block}") + ("_sigma_free" if args.sigma_free else "")
+    suffix += f"_mmap{args.host_mmap_threshold // 1024}k" if args.host_mmap_threshold else ""  # (0: the files before)
     path = write_results(
         args.out or f"throughput_{shape}{suffix}.json",
         {

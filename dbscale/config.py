@@ -340,6 +340,13 @@ class TrainConfig:
     )
     precision: Literal["auto", "fp32", "bf16"] = _field("auto", "'auto' (bf16 on CUDA, fp32 on CPU), 'fp32' or 'bf16'.")
     activation_checkpointing: bool = _field(False, "Recompute each layer's activations in backward.")
+    host_mmap_threshold: int = _field(
+        65536,
+        "Host allocations of at least this many bytes get their own memory mapping, returned to the OS when "
+        "freed (glibc's mallopt M_MMAP_THRESHOLD, dbscale/train/host_memory.py): a CPU job's resident memory "
+        "then follows the tensors it holds instead of staying at the high-water mark of freed ones. 0 = the C "
+        "library's default. Changes no result.",
+    )
     ce_chunk: int = _field(
         0,
         "Tokens per chunk of the training loss: the logits of one chunk at a time are built, used and freed, "
@@ -862,6 +869,11 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         fail("train.betas", f"must be two numbers in [0, 1), got {t.betas}.")
     if t.ce_chunk < 0:
         fail("train.ce_chunk", f"must be >= 0 (0 = off), got {t.ce_chunk}.")
+    if t.host_mmap_threshold < 0:
+        fail(
+            "train.host_mmap_threshold",
+            f"must be >= 0 bytes (0 = the C library's default), got {t.host_mmap_threshold}.",
+        )
     if t.max_nonfinite_steps < 0:
         fail("train.max_nonfinite_steps", "must be >= 0.")
     if t.max_nonfinite_steps and t.grad_accum > 1:

@@ -121,3 +121,16 @@ def test_a_family_owns_its_config_section_and_old_flat_keys_still_load(capsys):
         config_from_dict({"model": {"family": "huginn", "n_layers": 8, "huginn": {"bptt_step": 3}}})
     with pytest.raises(ConfigError, match=r"model\.huginn\.bptt_steps: must be >= 1"):
         config_from_dict({"model": {"family": "huginn", "n_layers": 8, "huginn": {"bptt_steps": 0}}})
+
+
+def test_host_mmap_threshold_is_validated_and_applied_on_linux():
+    import sys
+
+    from dbscale.train.host_memory import set_mmap_threshold
+
+    with pytest.raises(ConfigError, match=r"train.host_mmap_threshold: must be >= 0 bytes"):
+        config_from_dict({"train": {"host_mmap_threshold": -1}})
+    assert config_from_dict({}).train.host_mmap_threshold == 65536
+    assert set_mmap_threshold(0) is False  # 0: glibc's default is left alone
+    if sys.platform.startswith("linux"):
+        assert set_mmap_threshold(65536) is True

@@ -26,6 +26,7 @@ from dbscale.hf import load_init_weights
 from dbscale.run import Run
 from dbscale.train import checkpoint as ckpt
 from dbscale.train.deepspeed_config import deepspeed_config, lr_lambda
+from dbscale.train.host_memory import set_mmap_threshold
 from dbscale.train.lock import JobLock
 from dbscale.train.metrics import MetricsLogger, peak_memory_bytes
 from dbscale.train.stacking import check_predecessors, load_predecessors
@@ -95,6 +96,7 @@ class Trainer:
 
     def _build(self, deepspeed) -> None:
         run, block, cfg, world_size, rank = self.run, self.block, self.cfg, self.world, self.rank
+        set_mmap_threshold(cfg.train.host_mmap_threshold)  # before the model's and the step's allocations
         self.family = families.get(cfg.model.family)
         self.family_job = self.family.job(run, block)  # its slice, the frozen target table, ...
         self.window_len = self.family.window_length(cfg)
