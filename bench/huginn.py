@@ -42,7 +42,15 @@ KS = (1, 4, 8, 16)
 GEN_STEPS = (8, 16, 32)
 
 
-def model_cfg(shape: dict, **extra):
+# The diffusion core's layouts (model.block, model.time_conditioning): the job names of the tables.
+CORES = {
+    "diffusion core": {"block": "two_stream", "time_conditioning": True},
+    "stream core": {"block": "stream", "time_conditioning": True},
+    "sigma-free stream core": {"block": "stream", "time_conditioning": False},
+}
+
+
+def model_cfg(shape: dict, job: str = "baseline", **extra):
     from dbscale.config import ModelConfig
     from dbscale.models.huginn import HuginnConfig
 
@@ -53,6 +61,7 @@ def model_cfg(shape: dict, **extra):
         n_heads=shape["n_heads"],
         seq_len=shape["seq_len"],
         family_config=HuginnConfig(mean_recurrence=BASELINE_R, **extra),
+        **CORES.get(job, {}),
     )
 
 
@@ -68,7 +77,7 @@ def measure_training(spec: dict) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     V, T, mb = shape["vocab"], shape["seq_len"], spec["micro_batch"]
-    cfg = model_cfg(shape)
+    cfg = model_cfg(shape, spec["job"])
     torch.manual_seed(0)
     warm = HuginnLM(model_cfg(SHAPES["quick"]), 64).to(device)  # load kernels before measuring
     lm_loss(warm, torch.randint(0, 64, (1, 9), device=device)).backward()
@@ -92,7 +101,9 @@ def measure_training(spec: dict) -> dict:
             return lm_loss(model, window)
         sigma = torch.exp(torch.randn(mb, generator=g) * 1.2 - 1.2).to(device)
         noise = torch.randn(mb, T, cfg.embed_dim, generator=g).to(device, dtype)
-        return denoiser_loss(model, window, table, sigma, noise, "edm", 0.5)[0]
+        prior = spec.get("prior_loss", 0.0)  # the files before the stream cores: 0
+        stream = cfg.block == "stream"
+        return denoiser_loss(model, window, table, sigma, noise, "edm", 0.5, 0, prior, None, stream)[0]
 
     times, saved, states = [], None, None
     for step in range(spec["steps"]):
@@ -147,7 +158,8 @@ def measure_generation(spec: dict) -> dict:
     if spec["job"] == "baseline":
         model = HuginnLM(model_cfg(shape, eval_recurrence=n), shape["vocab"])
     else:
-        cfg = Config(model=model_cfg(shape), diffusion=DiffusionConfig(num_blocks=1, sample_steps=n, gamma=0.0))
+        d = DiffusionConfig(num_blocks=1, sample_steps=n, gamma=0.0)
+        cfg = Config(model=model_cfg(shape, spec["job"]), diffusion=d)
         model = HuginnDiffusionLM(cfg, shape["vocab"], frozen_target_embedding(shape["vocab"], shape["d_model"], 0))
     for p in model.parameters():  # random weights everywhere (a zero-initialised head would make argmax trivial)
         torch.nn.init.normal_(p, std=0.02)
@@ -161,13 +173,15 @@ def measure_generation(spec: dict) -> dict:
 
 
 def layer_token_cost(m, T: int) -> dict:
-    """Estimated training compute per sequence and step, in layer-token evaluations (forward 1, backward 2)."""
+    """Estimated training compute per sequence and step, in layer-token evaluations (forward 1, backward 2);
+    a single-stream core (model.block stream) runs core and coda over T rows, the two-stream one over 2T."""
     h = m.family_config  # the Huginn section
     P, C, D = h.prelude_layers, h.core_layers, h.coda_layers
     mean_r, k = h.mean_recurrence + 1, h.bptt_steps
+    rows = T if m.block == "stream" else 2 * T
     return {
         "baseline": T * (P + mean_r * C + D) + 2 * T * (P + min(k, mean_r) * C + D),
-        "core": 3 * T * P + 3 * (2 * T) * (C + D),
+        "core": 3 * T * P + 3 * rows * (C + D),
     }
 
 
@@ -183,7 +197,12 @@ def quality(args) -> int:
         subprocess.run(a, cwd=ROOT, env=env, check=True)
         return round(time.time() - t0, 1)
 
-    cfg = load_config(ROOT / args.config)
+    cores = args.cores.split(",")
+    if len(cores) != 1 or cores[0] not in CORES:
+        raise SystemExit(f"--quality takes one of --cores {list(CORES)}, got {args.cores!r}")
+    core = CORES[cores[0]]
+    core_sets = [x for k, v in core.items() for x in ("--set", f"model.{k}={str(v).lower()}")]
+    cfg = load_config(ROOT / args.config, [item for item in core_sets if item != "--set"])
     cost = layer_token_cost(cfg.model, cfg.model.seq_len)
     base_steps = args.baseline_steps
     core_steps = round(base_steps * cost["baseline"] / cost["core"])
@@ -204,6 +223,7 @@ def quality(args) -> int:
             str(run_dir),
             "--set",
             f"train.seed={seed}",
+            *core_sets,
         )
         wall[seed] = {
             "baseline": sh(sys.executable, "launchers/train_e2e.py", "--run", str(run_dir), *steps_args(base_steps)),
@@ -252,7 +272,9 @@ def quality(args) -> int:
         "summary": summary,
         "evaluation": report,
     }
-    path = write_results("huginn_quality.json", payload)
+    payload["core"] = {"name": cores[0], **core}
+    slug = "" if cores[0] == "diffusion core" else "_" + cores[0].replace(" ", "_").replace("-", "_")
+    path = write_results(f"huginn_quality{slug}.json", payload)
     print(f"[huginn] wrote {path}")
     return 0
 
@@ -260,6 +282,12 @@ def quality(args) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the small shape (minutes on a CPU)")
+    p.add_argument(
+        "--cores",
+        default="diffusion core",
+        help=f"comma-separated diffusion cores to measure beside the baseline, of {list(CORES)}",
+    )
+    p.add_argument("--prior-loss", type=float, default=0.0, help="the cores' diffusion.prior_loss in the timing jobs")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=3, help="training steps per measurement (>= 2)")
     p.add_argument("--new-tokens", type=int, default=64)
@@ -281,34 +309,37 @@ def main() -> int:
     shape = "quick" if args.quick else "full"
     script = str(Path(__file__).resolve())
     train_rows, gen_rows = [], []
-    specs = [{"job": "baseline", "r": BASELINE_R, "k": k} for k in KS] + [{"job": "diffusion core"}]
+    cores = args.cores.split(",")
+    unknown = [c for c in cores if c not in CORES]
+    if unknown:
+        p.error(f"--cores: unknown {unknown}; choose from {list(CORES)}")
+    specs = [{"job": "baseline", "r": BASELINE_R, "k": k} for k in KS]
+    specs += [{"job": core, "prior_loss": args.prior_loss} for core in cores]
     for s in specs:
         spec = {**s, "shape": shape, "micro_batch": args.micro_batch, "steps": args.steps}
         print(f"[huginn] training {spec}", file=sys.stderr, flush=True)
         train_rows.append(run_worker(script, spec))
-    for job in ("baseline", "diffusion core"):
+    for job in ("baseline", *cores):
         for n in GEN_STEPS:
             spec = {"kind": "generate", "job": job, "steps_per_token": n, "shape": shape, "prompt": 64}
             spec["new_tokens"] = args.new_tokens
             print(f"[huginn] generation {spec}", file=sys.stderr, flush=True)
             gen_rows.append(run_worker(script, spec))
-    path = write_results(
-        f"huginn_{shape}.json", {"shape": SHAPES[shape], "training": train_rows, "generation": gen_rows}
-    )
+    name = f"huginn_{shape}.json" if cores == ["diffusion core"] else f"huginn_{shape}_cores.json"
+    path = write_results(name, {"shape": SHAPES[shape], "training": train_rows, "generation": gen_rows})
     print(f"\nHuginn training, {shape} shape ({SHAPES[shape]}), micro-batch {args.micro_batch}; MiB")
-    print(f"{'job':>22} {'params':>7} {'grads':>7} {'AdamW':>7} {'saved act':>10} {'peak':>8} {'tok/s':>8}")
+    print(f"{'job':>30} {'params':>7} {'grads':>7} {'AdamW':>7} {'saved act':>10} {'peak':>8} {'tok/s':>8}")
     for r in train_rows:
-        name = f"baseline r={r['r']} k={r['k']}" if r["job"] == "baseline" else "diffusion core (any K)"
+        name = f"baseline r={r['r']} k={r['k']}" if r["job"] == "baseline" else f"{r['job']} (any K)"
         print(
-            f"{name:>22} {mib(r['parameter_bytes']):>7} {mib(r['gradient_bytes']):>7} {mib(r['optimizer_bytes']):>7} "
+            f"{name:>30} {mib(r['parameter_bytes']):>7} {mib(r['gradient_bytes']):>7} {mib(r['optimizer_bytes']):>7} "
             f"{mib(r['saved_activation_bytes']):>10} {mib(r['peak_bytes']):>8} {r['tokens_per_s']:8.0f}"
         )
     print(f"\ngeneration tokens/s (prompt 64, {args.new_tokens} new tokens, KV caches)")
-    print(f"{'steps per token':>16} {'baseline (r)':>14} {'core (K Euler)':>15}")
+    print(f"{'steps per token':>16} {'baseline (r)':>14}" + "".join(f" {c + ' (K)':>26}" for c in cores))
     for n in GEN_STEPS:
-        b = next(r for r in gen_rows if r["job"] == "baseline" and r["steps_per_token"] == n)
-        d = next(r for r in gen_rows if r["job"] == "diffusion core" and r["steps_per_token"] == n)
-        print(f"{n:>16} {b['tokens_per_s']:14.1f} {d['tokens_per_s']:15.1f}")
+        rate = {r["job"]: r["tokens_per_s"] for r in gen_rows if r["steps_per_token"] == n}
+        print(f"{n:>16} {rate['baseline']:14.1f}" + "".join(f" {rate[c]:26.1f}" for c in cores))
     print(f"[huginn] wrote {path}")
     return 0
 
