@@ -8,7 +8,8 @@ A table's template is bench/tables/<name>.md: markdown whose numbers are placeho
     {{ quality_demo_prior.json : summary.chain.mauve : pm3 }}
 
 (file in bench/results/, a path into it, a format). A path is dot-separated keys; a list is indexed by
-position (`rows.0`) or by the first element whose fields match (`rows[model=DiffusionBlocks,batch=64]`).
+position (`rows.0`) or by the first element whose fields match (`rows[model=DiffusionBlocks,batch=64]`);
+`a+b` as the last key sums two fields of one entry.
 Formats: a Python format spec (`.3f`, `,.0f`), `pm<n>` for a {mean, spread} entry as "mean +- spread" with n
 decimals, `mib` for bytes in MiB. The rendered table goes into the document that holds the markers
 `<!-- table:<name> ... -->` and `<!-- end table:<name> -->`; tests/test_docs.py checks that every template
@@ -39,6 +40,12 @@ def lookup(data, path: str, where: str):
         key = selected.group(1) if selected else step
         if isinstance(value, list) and key.isdigit():
             value = value[int(key)]
+            continue
+        if isinstance(value, dict) and "+" in key and key not in value:  # a sum of sibling fields
+            missing = [k for k in key.split("+") if k not in value]
+            if missing:
+                raise KeyError(f"{where}: no {missing} in {path}")
+            value = sum(value[k] for k in key.split("+"))
             continue
         if not isinstance(value, dict) or key not in value:
             raise KeyError(f"{where}: no '{key}' in {path}")
