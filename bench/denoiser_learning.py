@@ -35,7 +35,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import device_info  # noqa: E402
+from bench.common import results_path, write_results  # noqa: E402
 from dbscale import families  # noqa: E402
 
 # variant -> the block (model fields) and the loss it trains with (diffusion fields). The design switches
@@ -256,7 +256,8 @@ def main() -> int:
     for v in variants:
         variant_settings(v)  # unknown names fail before any training
     seeds = [int(s) for s in args.seeds.split(",")]
-    out = Path(args.out or f"bench/results/denoiser_learning{'' if args.block == 0 else f'_block{args.block}'}.json")
+    name = Path(args.out or f"denoiser_learning{'' if args.block == 0 else f'_block{args.block}'}.json").name
+    out = results_path(name)  # bench/results/<name> (--out: a file name there; a path keeps its name)
     done = json.loads(out.read_text()) if out.is_file() else {}
     key = {"run_config": run.config.to_dict(), "block": args.block, "steps": steps, "eval_windows": args.eval_windows}
     jobs = done.get("jobs", []) if all(done.get(k) == v for k, v in key.items()) else []
@@ -272,9 +273,7 @@ def main() -> int:
             if any(j["variant"] == name and j["seed"] == seed for j in jobs):
                 continue
             jobs.append(train_job(run, name, args.block, steps, seed, args.eval_every, windows))
-            payload = {**key, "jobs": jobs, "summary": summarise(jobs), "device_info": device_info()}
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(payload, indent=1) + "\n")
+            write_results(out.name, {**key, "jobs": jobs, "summary": summarise(jobs)})  # command, device, commit
     summary = summarise([j for j in jobs if j["variant"] in variants and j["seed"] in seeds])
     print_table(summary, args.block, steps)
     print(f"\nwrote {out}")

@@ -190,13 +190,22 @@ class _TwoStreamBlock(_BlockInputs):
     a clean row never sees a noisy one. Then out_proj into the target space, an AdaLN-modulated final norm and
     the head. What the noisy rows read and how their output becomes logits is the subclass's readout."""
 
+    reads_z = False  # the paper's noisy input: in_proj(c_in * z_sigma) on the noisy rows
+
     def __init__(
-        self, cfg, vocab_size, n_layers, sigma_data, target_embedding, context_features, sandwich, reads, reads_z
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        n_layers: int,
+        sigma_data: float,
+        target_embedding: torch.Tensor | None = None,
+        context_features: bool = False,
+        sandwich: bool = False,
     ):
         super().__init__()
         d, e = cfg.d_model, cfg.embed_dim
-        self._inputs(cfg, vocab_size, sigma_data, target_embedding, context_features, reads)
-        if reads_z:  # the paper's noisy input: c_in * z_sigma -> hidden
+        self._inputs(cfg, vocab_size, sigma_data, target_embedding, context_features, self.table_reader(cfg))
+        if self.reads_z:
             self.in_proj = nn.Linear(e, d, bias=False)
         self.time_embed = TimestepEmbedder(d, cfg.time_freq_dim)
         self.layers = nn.ModuleList(TransformerLayer(cfg, adaln=True, sandwich=sandwich) for _ in range(n_layers))
@@ -205,15 +214,21 @@ class _TwoStreamBlock(_BlockInputs):
         self.final_adaLN = nn.Linear(d, 2 * e)
         self.lm_head = Head(e, vocab_size, cfg.head)  # 'target' heads start at zero
         self.activation_checkpointing = False
-
-    def _init(self, zeros: list[nn.Module]) -> None:
-        """Normal init, adaLN-Zero gates, and the final modulation (and `zeros`) at zero."""
-        init_weights(self, self.cfg.init_std)
+        init_weights(self, cfg.init_std)
         zero_init_adaln(self.layers)
-        for zero in [self.final_adaLN, *zeros]:  # the final modulation starts as the identity
+        for zero in [self.final_adaLN, *self.zero_at_init()]:  # the final modulation starts as the identity
             nn.init.zeros_(zero.weight)
             if getattr(zero, "bias", None) is not None:
                 nn.init.zeros_(zero.bias)
+
+    @staticmethod
+    def table_reader(cfg: ModelConfig) -> str:
+        """What reads the frozen target table at run time ('' for nothing: then none is kept)."""
+        return "the posterior readout"
+
+    def zero_at_init(self) -> list[nn.Module]:
+        """The modules that start at zero besides the final modulation."""
+        return []
 
     def _noisy_hidden(self, context, noisy, clean_pos, noisy_pos, cache, mods) -> torch.Tensor:
         """Run the layers over [context; noisy] ((B, Tc, d) and (B, Tn, d) inputs) and return the noisy rows'
@@ -247,22 +262,6 @@ class DenoiserBlock(_TwoStreamBlock):
     logits = head(norm(F)) + <z, E_v> / sigma^2 (the network gives the context's prior; the exact Gaussian
     evidence of each target row E_v is added). Normal readout init: no saddle at the start. Knows nothing
     about other blocks; the frozen target table is kept as a non-persistent buffer (it belongs to the run)."""
-
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        vocab_size: int,
-        n_layers: int,
-        sigma_data: float,
-        target_embedding: torch.Tensor | None = None,
-        context_features: bool = False,
-        sandwich: bool = False,
-    ):
-        super().__init__(
-            cfg, vocab_size, n_layers, sigma_data, target_embedding, context_features, sandwich,
-            "the posterior readout", reads_z=False,
-        )  # fmt: skip
-        self._init([])
 
     def forward(
         self,
@@ -309,21 +308,14 @@ class PaperBlock(_TwoStreamBlock):
     and the head, and out_proj and the head start at zero (a fresh block returns c_skip*z and a uniform
     prediction). Kept beside dbscale's block so the two can be compared (bench/denoiser_learning.py)."""
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        vocab_size: int,
-        n_layers: int,
-        sigma_data: float,
-        target_embedding: torch.Tensor | None = None,
-        context_features: bool = False,
-        sandwich: bool = False,
-    ):
-        reads = "head/context 'target'" if block_reads_table(cfg) else ""
-        super().__init__(
-            cfg, vocab_size, n_layers, sigma_data, target_embedding, context_features, sandwich, reads, reads_z=True
-        )
-        self._init([self.out_proj] + ([self.lm_head] if cfg.head == "learned" else []))
+    reads_z = True
+
+    @staticmethod
+    def table_reader(cfg: ModelConfig) -> str:
+        return "head/context 'target'" if block_reads_table(cfg) else ""
+
+    def zero_at_init(self) -> list[nn.Module]:
+        return [self.out_proj] + ([self.lm_head] if self.cfg.head == "learned" else [])
 
     def forward(
         self,
