@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench/results"
 TEMPLATES = Path(__file__).resolve().parent / "tables"
-PLACEHOLDER = re.compile(r"\{\{\s*([^:}]+?)\s*:\s*([^:}]+?)\s*(?::\s*([^}]+?)\s*)?\}\}")
+PLACEHOLDER = re.compile(r"\{\{\s*([^:}]+?)\s*:\s*((?:[^:}\[]|\[[^\]]*\])+?)\s*(?::\s*([^}]+?)\s*)?\}\}")
 SELECTOR = re.compile(r"^(\w+)\[([^\]]+)\]$")
 STEP = re.compile(r"[^.\[]+(?:\[[^\]]*\])?")  # dot-separated steps; a selector's values may hold dots
 
