@@ -188,9 +188,11 @@ class _TwoStreamBlock(_BlockInputs):
     """The two-stream layout (docs/METHOD.md 7a): `n_layers` AdaLN layers over [clean; noisy] rows, the clean
     stream x_0..x_{Tc-1} and one noisy row per target; a noisy row sees itself and the clean tokens before it,
     a clean row never sees a noisy one. Then out_proj into the target space, an AdaLN-modulated final norm and
-    the head. What the noisy rows read and how their output becomes logits is the subclass's readout."""
+    the head. What the noisy rows read (`noisy_input`) and how their output becomes logits (`readout`) is
+    the layout's."""
 
     reads_z = False  # the paper's noisy input: in_proj(c_in * z_sigma) on the noisy rows
+    has_prior = True  # the logits split into a prior and the evidence of z (prior_ce, with_evidence)
 
     def __init__(
         self,
@@ -230,6 +232,39 @@ class _TwoStreamBlock(_BlockInputs):
         """The modules that start at zero besides the final modulation."""
         return []
 
+    def forward(
+        self,
+        clean_tokens: torch.Tensor,
+        z: torch.Tensor,
+        sigma: torch.Tensor,
+        clean_pos: torch.Tensor | None = None,
+        noisy_pos: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
+        ce_chunk: int = 0,
+        prior_ce: bool = False,
+        with_evidence: bool = True,
+        follows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """clean_tokens: (B, Tc) ids (or (B, Tc, d) features with context_features), z: (B, Tn, e) noisy
+        targets, sigma: (B,). Default positions are the training layout (clean 0..Tc-1, noisy 1..Tn): noisy
+        position i follows clean token i-1, the last Tn clean inputs of the call; `follows` (Tn,) indexes them
+        otherwise (a step on a subset of positions passes it with noisy_pos; read by a block whose noisy rows
+        read that token). With a cache, the clean tokens are appended to it. Returns (D or None, logits
+        (B, Tn, V)), or with targets the per-token cross-entropy (B, Tn) in the logits' place; prior_ce (a block
+        with a prior): (B, Tn, 2), the posterior's and the prior's (head(norm(F)) alone, the context-only
+        prediction), see Head; with_evidence=False: the prior's logits or CE alone.
+        """
+        if (prior_ce or not with_evidence) and not self.has_prior:
+            raise ValueError("the paper's block (EDM readout) has no separate prior; dbscale's blocks have one")
+        B = clean_tokens.shape[0]
+        c_skip, c_out, c_in, c_noise = (c.view(B, 1, 1) for c in edm_precond(at_least_fp32(sigma), self.sigma_data))
+        mods, (shift, scale) = self.time_conditioning(c_noise.view(B), cache)
+        z = at_least_fp32(z)
+        context = self.embed_context(clean_tokens)
+        h = self._noisy_hidden(context, self.noisy_input(context, z, c_in, follows), clean_pos, noisy_pos, cache, mods)
+        return self.readout(h, z, sigma, c_skip, c_out, shift, scale, targets, ce_chunk, prior_ce, with_evidence)
+
     def _noisy_hidden(self, context, noisy, clean_pos, noisy_pos, cache, mods) -> torch.Tensor:
         """Run the layers over [context; noisy] ((B, Tc, d) and (B, Tn, d) inputs) and return the noisy rows'
         last hidden states (B, Tn, d). With a cache, the clean rows are appended to it (noisy ones never are)."""
@@ -263,41 +298,16 @@ class DenoiserBlock(_TwoStreamBlock):
     evidence of each target row E_v is added). Normal readout init: no saddle at the start. Knows nothing
     about other blocks; the frozen target table is kept as a non-persistent buffer (it belongs to the run)."""
 
-    def forward(
-        self,
-        clean_tokens: torch.Tensor,
-        z: torch.Tensor,
-        sigma: torch.Tensor,
-        clean_pos: torch.Tensor | None = None,
-        noisy_pos: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        targets: torch.Tensor | None = None,
-        ce_chunk: int = 0,
-        prior_ce: bool = False,
-        with_evidence: bool = True,
-        follows: torch.Tensor | None = None,
-    ) -> tuple[None, torch.Tensor]:
-        """clean_tokens: (B, Tc) ids (or (B, Tc, d) features with context_features), z: (B, Tn, e) noisy
-        targets, sigma: (B,). Default positions are the training layout (clean 0..Tc-1, noisy 1..Tn): noisy
-        position i follows clean token i-1, the last Tn clean inputs of the call; `follows` (Tn,) indexes them
-        otherwise (a step on a subset of positions passes it with noisy_pos). With a cache, the clean tokens
-        are appended to it. Returns (None, logits (B, Tn, V)), or with targets the per-token cross-entropy
-        (B, Tn) in the logits' place; prior_ce: (B, Tn, 2), the posterior's and the prior's (head(norm(F))
-        alone, the context-only prediction), see Head. with_evidence=False: the prior's logits or CE alone.
-        """
-        B, Tc = clean_tokens.shape[:2]
-        Tn = z.shape[1]
+    def noisy_input(self, context, z, c_in, follows):
+        Tc, Tn = context.shape[1], z.shape[1]
         if Tc < Tn:
             raise ValueError(f"{Tn} noisy positions follow {Tc} clean tokens")
-        c_noise = edm_precond(at_least_fp32(sigma), self.sigma_data)[3]
-        mods, (shift, scale) = self.time_conditioning(c_noise.view(B), cache)
-        context = self.embed_context(clean_tokens)
-        noisy = context[:, Tc - Tn :] if follows is None else context[:, follows]  # the token each one follows
-        h = self._noisy_hidden(context, noisy, clean_pos, noisy_pos, cache, mods)
+        return context[:, Tc - Tn :] if follows is None else context[:, follows]  # the token each one follows
+
+    def readout(self, h, z, sigma, c_skip, c_out, shift, scale, targets, ce_chunk, prior_ce, with_evidence):
         # log p(v | context, z) = log p(v | context) + <z, E_v> / sigma^2 + const: the rows E_v have unit
         # norm, so the Gaussian likelihood N(z; E_v, sigma^2 I) differs between tokens by that term alone.
-        z = at_least_fp32(z)
-        evidence = (z / at_least_fp32(sigma).view(B, 1, 1) ** 2, self.target_table) if with_evidence else None
+        evidence = (z / at_least_fp32(sigma).view(-1, 1, 1) ** 2, self.target_table) if with_evidence else None
         h_out = modulate(self.norm(self.out_proj(h)), shift, scale)
         return None, self.lm_head(h_out, targets, ce_chunk, self.target_table, evidence, prior_ce)
 
@@ -306,9 +316,10 @@ class PaperBlock(_TwoStreamBlock):
     """The paper's AR block (model.block 'paper'; DiffusionBlocks' public code): the noisy stream reads
     in_proj(c_in * z) only, the readout is EDM's D = c_skip*z + c_out*F (Eq. 7) through the modulated norm
     and the head, and out_proj and the head start at zero (a fresh block returns c_skip*z and a uniform
-    prediction). Kept beside dbscale's block so the two can be compared (bench/denoiser_learning.py)."""
+    prediction). Returns (D, logits), D (B, Tn, e) in fp32 the denoised estimate. Kept beside dbscale's
+    block so the two can be compared (bench/denoiser_learning.py)."""
 
-    reads_z = True
+    reads_z, has_prior = True, False
 
     @staticmethod
     def table_reader(cfg: ModelConfig) -> str:
@@ -317,34 +328,12 @@ class PaperBlock(_TwoStreamBlock):
     def zero_at_init(self) -> list[nn.Module]:
         return [self.out_proj] + ([self.lm_head] if self.cfg.head == "learned" else [])
 
-    def forward(
-        self,
-        clean_tokens: torch.Tensor,
-        z: torch.Tensor,
-        sigma: torch.Tensor,
-        clean_pos: torch.Tensor | None = None,
-        noisy_pos: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        targets: torch.Tensor | None = None,
-        ce_chunk: int = 0,
-        prior_ce: bool = False,
-        with_evidence: bool = True,
-        follows: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As DenoiserBlock.forward (`follows` is not read: no noisy row reads a clean token). Returns
-        (D, logits): D (B, Tn, e) in fp32 is the denoised estimate, logits (B, Tn, V) or the CE (B, Tn)."""
-        if prior_ce or not with_evidence:
-            raise ValueError("the paper's block (EDM readout) has no separate prior; dbscale's blocks have one")
-        B = clean_tokens.shape[0]
-        c_skip, c_out, c_in, c_noise = (c.view(B, 1, 1) for c in edm_precond(at_least_fp32(sigma), self.sigma_data))
-        mods, (shift, scale) = self.time_conditioning(c_noise.view(B), cache)
-        z = at_least_fp32(z)
-        dtype = self.out_proj.weight.dtype
-        h = self._noisy_hidden(
-            self.embed_context(clean_tokens), self.in_proj((c_in * z).to(dtype)), clean_pos, noisy_pos, cache, mods
-        )
+    def noisy_input(self, context, z, c_in, follows):
+        return self.in_proj((c_in * z).to(self.out_proj.weight.dtype))  # no noisy row reads a clean token
+
+    def readout(self, h, z, sigma, c_skip, c_out, shift, scale, targets, ce_chunk, prior_ce, with_evidence):
         D = c_skip * z + c_out * at_least_fp32(self.out_proj(h))  # EDM Eq. 7
-        h_out = modulate(self.norm(D.to(dtype)), shift, scale)
+        h_out = modulate(self.norm(D.to(self.out_proj.weight.dtype)), shift, scale)
         return D, self.lm_head(h_out, targets, ce_chunk, self.target_table)
 
 
